@@ -1,0 +1,104 @@
+"""The ``mlflow-lmeval`` command line. Each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _cmd_tokenizer(args) -> None:
+    from .tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(args.input, args.vocab_size, args.output)
+    print(f"wrote {args.output} (vocabulary {tokenizer.vocab_size})")
+
+
+def _cmd_train(args) -> None:
+    from .models import mlstm
+    from .tokenizer import Tokenizer
+    from .training import TrainSettings, encode_corpus, print_progress, save_steps_every, train
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    config = mlstm.preset_config(args.model_size, tokenizer.vocab_size)
+    settings = TrainSettings(
+        steps=args.steps,
+        save_steps=save_steps_every(args.steps, args.save_every),
+        batch_size=args.batch_size,
+        sequence_length=args.sequence_length,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    ).validate()
+    tokens = encode_corpus(args.corpus, tokenizer)
+    print(
+        f"training {args.model_size} mLSTM ({mlstm.count_params(mlstm.init_params(config)):,} params) "
+        f"on {len(tokens):,} tokens",
+        flush=True,
+    )
+    for path in train(tokens, tokenizer, config, settings, args.output, on_log=print_progress(args.steps)):
+        print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mlflow-lmeval", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tok = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a text file")
+    tok.add_argument("--input", required=True, help="UTF-8 text file")
+    tok.add_argument("--vocab_size", type=_positive_int, default=1024)
+    tok.add_argument("--output", required=True, help="where to write the .model file")
+    tok.set_defaults(func=_cmd_tokenizer)
+
+    tr = commands.add_parser("train", help="train the reference mLSTM and write checkpoints")
+    tr.add_argument("--corpus", required=True, help="UTF-8 text file")
+    tr.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    tr.add_argument("--output", required=True, help="directory for step_<N>/ checkpoints")
+    tr.add_argument("--steps", type=_positive_int, required=True)
+    tr.add_argument("--save_every", type=_positive_int, required=True)
+    tr.add_argument("--model_size", default="tiny", help="model preset: tiny or small")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--batch_size", type=_positive_int, default=16)
+    tr.add_argument("--sequence_length", type=_positive_int, default=128)
+    tr.add_argument("--learning_rate", type=float, default=3e-3)
+    tr.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

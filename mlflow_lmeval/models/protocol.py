@@ -1,0 +1,79 @@
+"""The model contract the evaluator relies on, and adapters that bring Flax modules to it.
+
+A model is a pure step function plus its parameters::
+
+    init_state(batch_size) -> state                      # pytree, or None for a stateless model
+    apply(params, tokens[B, T] int32, state, mask[B, T] bool) -> (logits[B, T, V], state)
+
+For a recurrent model, evaluating a sequence in chunks of any size gives the same logits as one
+full pass, and a position whose mask is False leaves the state unchanged. A stateless model
+(``init_state`` returns None) is evaluated with fixed-context windows instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """Everything the evaluator may know about a model."""
+
+    apply: Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+    init_state: Callable[[int], Any]
+    params: Any
+    vocab_size: int
+    recurrent: bool
+    context_length: int | None = None
+
+
+def from_linen_cache(module, params, *, vocab_size: int, context_length: int | None = None) -> LanguageModel:
+    """Adapt a Linen module called as ``module(tokens, mask=mask)`` that keeps its recurrent state
+    in the mutable ``cache`` collection (the convention of JAX xLSTM trainers).
+
+    The initial state is the module's own cache initialisers, read by an ``init`` call whose every
+    position is masked: by the contract such a call leaves the freshly created cache untouched.
+    A module without a ``cache`` collection is treated as stateless.
+    """
+    initial_caches: dict[int, Any] = {}
+
+    def init_state(batch_size: int):
+        if batch_size not in initial_caches:
+            tokens = jnp.zeros((batch_size, 1), jnp.int32)
+            mask = jnp.zeros((batch_size, 1), bool)
+            variables = module.init(jax.random.key(0), tokens, mask=mask)
+            initial_caches[batch_size] = variables.get("cache")
+        return initial_caches[batch_size]
+
+    def apply(params, tokens, state, mask):
+        if state is None:
+            return module.apply({"params": params}, tokens, mask=mask), None
+        logits, updated = module.apply(
+            {"params": params, "cache": state}, tokens, mask=mask, mutable=["cache"]
+        )
+        return logits, updated["cache"]
+
+    recurrent = init_state(1) is not None
+    return LanguageModel(apply, init_state, params, vocab_size, recurrent, context_length)
+
+
+def from_nnx(module, *, vocab_size: int, context_length: int | None = None) -> LanguageModel:
+    """Adapt a Flax NNX module with ``module.init_state(batch_size)`` and
+    ``module(tokens, state, mask) -> (logits, state)``.
+
+    The module is split once into a static graph and its variables; ``apply`` merges them back
+    inside the traced function, so the result is a pure function that jit can compile.
+    """
+    from flax import nnx
+
+    graphdef, variables = nnx.split(module)
+
+    def apply(variables, tokens, state, mask):
+        return nnx.merge(graphdef, variables)(tokens, state, mask)
+
+    recurrent = module.init_state(1) is not None
+    return LanguageModel(apply, module.init_state, variables, vocab_size, recurrent, context_length)
