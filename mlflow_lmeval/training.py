@@ -101,7 +101,7 @@ def train(
             f"corpus has {len(tokens)} tokens, fewer than one training window of {window}"
         )
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.learning_rate, min(settings.warmup_steps, settings.steps), settings.steps
+        0.0, settings.learning_rate, min(settings.warmup_steps, settings.steps - 1), settings.steps
     )
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=settings.weight_decay)

@@ -1,0 +1,109 @@
+"""Pieces become fixed-shape, padded batches, produced by a grain pipeline.
+
+The plan sorts pieces by length (longest first, so memory trouble shows at once) and pads each
+batch to a bucketed length. The number of distinct shapes therefore depends on the bucketing,
+never on the number of requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .requests import Piece
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    piece_indices: tuple[int, ...]
+    length: int  # padded length of every row
+
+
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def power_of_two_bucket(length: int, minimum: int = 16, maximum: int | None = None) -> int:
+    bucket = max(minimum, 1 << max(0, length - 1).bit_length())
+    return min(bucket, maximum) if maximum is not None and maximum >= length else bucket
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, bucket: Callable[[int], int]) -> list[BatchPlan]:
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [
+        BatchPlan(tuple(int(i) for i in order[start : start + batch_size]), bucket(int(lengths[order[start]])))
+        for start in range(0, len(order), batch_size)
+    ]
+
+
+class MaterializeBatch:
+    """BatchPlan -> dict of numpy arrays with ``batch_size`` rows (padding rows have document 0).
+
+    inputs, targets: int32 [B, L]; valid: real positions; scored: positions whose target counts;
+    last: index of each row's last real position; document_idx, sequence_idx: int32 [B].
+    A plain class, so grain can pickle it into worker processes.
+    """
+
+    def __init__(self, pieces: list[Piece], batch_size: int):
+        self.pieces = pieces
+        self.batch_size = batch_size
+
+    def __call__(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        rows, length = self.batch_size, plan.length
+        batch = {
+            "inputs": np.zeros((rows, length), np.int32),
+            "targets": np.zeros((rows, length), np.int32),
+            "valid": np.zeros((rows, length), bool),
+            "scored": np.zeros((rows, length), bool),
+            "last": np.zeros((rows,), np.int32),
+            "document_idx": np.zeros((rows,), np.int32),
+            "sequence_idx": np.zeros((rows,), np.int32),
+        }
+        for row, index in enumerate(plan.piece_indices):
+            piece = self.pieces[index]
+            n = piece.length
+            batch["inputs"][row, :n] = piece.inputs
+            batch["targets"][row, :n] = piece.targets
+            batch["valid"][row, :n] = True
+            batch["scored"][row, n - piece.num_scored : n] = True
+            batch["last"][row] = n - 1
+            batch["document_idx"][row] = piece.document_idx
+            batch["sequence_idx"][row] = piece.sequence_idx
+        return batch
+
+
+def batch_stream(
+    pieces: list[Piece],
+    plans: list[BatchPlan],
+    batch_size: int,
+    *,
+    worker_count: int = 0,
+    worker_buffer_size: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Materialized batches in plan order, prepared ahead of the device by grain.
+
+    With ``worker_count == 0`` a background thread prefetches ``worker_buffer_size`` batches;
+    otherwise ``worker_count`` processes each keep ``worker_buffer_size`` batches ready.
+    """
+    import grain
+
+    dataset = grain.MapDataset.source(plans).map(MaterializeBatch(pieces, batch_size))
+    stream = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, worker_buffer_size))
+    )
+    if worker_count > 0:
+        _mark_absl_flags_parsed()
+        stream = stream.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, worker_buffer_size))
+        )
+    return iter(stream)
+
+
+def _mark_absl_flags_parsed() -> None:
+    # grain's worker processes read absl flags, which are unparsed outside an absl app.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

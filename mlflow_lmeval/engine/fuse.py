@@ -1,0 +1,60 @@
+"""Piece-level results fused back into one result per request."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceResults:
+    """One entry per scored row, in any order. Padding rows have ``document_idx == 0``."""
+
+    document_idx: np.ndarray  # int [N]
+    sequence_idx: np.ndarray  # int [N]
+    loglik: np.ndarray  # float [N], sum of scored target log-probabilities
+    num_tokens: np.ndarray  # int [N], scored targets
+    greedy: np.ndarray  # bool [N], every scored target was the argmax
+
+    @staticmethod
+    def concatenate(parts: list["PieceResults"]) -> "PieceResults":
+        fields = [f.name for f in dataclasses.fields(PieceResults)]
+        if not parts:
+            return PieceResults(*(np.zeros(0) for _ in fields))
+        return PieceResults(*(np.concatenate([getattr(p, name) for p in parts]) for name in fields))
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentResults:
+    loglik: np.ndarray  # float64 [D]
+    num_tokens: np.ndarray  # int64 [D]
+    greedy: np.ndarray  # bool [D]
+
+
+def fuse_document_results(results: PieceResults, pieces_per_document: np.ndarray) -> DocumentResults:
+    """Sum log-likelihoods and token counts per document; greedy only if every piece was greedy.
+
+    ``pieces_per_document[d]`` is how many pieces document ``d + 1`` was cut into. Raises
+    ValueError when a piece is missing or appears twice.
+    """
+    pieces_per_document = np.asarray(pieces_per_document, np.int64)
+    num_documents = len(pieces_per_document)
+    real = results.document_idx > 0
+    document = results.document_idx[real].astype(np.int64) - 1
+    sequence = results.sequence_idx[real].astype(np.int64)
+    if np.any(document >= num_documents) or np.any(sequence < 0) or np.any(sequence >= pieces_per_document[document]):
+        raise ValueError("piece results refer to a document or piece that does not exist")
+    offsets = np.concatenate([[0], np.cumsum(pieces_per_document)])
+    slot = offsets[document] + sequence
+    seen = np.bincount(slot, minlength=offsets[-1])
+    if np.any(seen > 1):
+        doc = np.searchsorted(offsets, np.argmax(seen > 1), side="right")
+        raise ValueError(f"duplicated piece for document {doc}")
+    if np.any(seen == 0):
+        doc = np.searchsorted(offsets, np.argmax(seen == 0), side="right")
+        raise ValueError(f"missing piece for document {doc}")
+    loglik = np.bincount(document, weights=results.loglik[real].astype(np.float64), minlength=num_documents)
+    num_tokens = np.bincount(document, weights=results.num_tokens[real], minlength=num_documents).astype(np.int64)
+    not_greedy = np.bincount(document, weights=~results.greedy[real], minlength=num_documents)
+    return DocumentResults(loglik, num_tokens, not_greedy == 0)

@@ -1,0 +1,244 @@
+"""The device loop: fixed-shape jitted steps, state carried over chunks, results fetched per batch.
+
+One step takes a chunk ``[B, C]`` of a batch and, per row, adds to running totals kept on the
+device: the sum of scored target log-probabilities, the number of scored targets, whether every
+scored target was the argmax, whether anything was non-finite, and the argmax after the row's
+last real position (the first token a generation would produce). The host reads the totals once
+per batch. The batch axis is sharded over a ``data`` mesh axis spanning every device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ..errors import UserError
+from ..models.protocol import LanguageModel
+from .batching import BatchPlan, MaterializeBatch, batch_stream, plan_batches, power_of_two_bucket, round_up
+from .fuse import DocumentResults, PieceResults, fuse_document_results
+from .requests import Piece, make_pieces
+
+# lm-eval's "debug" mode: a random model's logits shrunk so every log-probability is finite.
+DEBUG_LOGIT_SCALE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    batch_size: int = 8
+    chunk_size: int = 64
+    infinite: bool = True  # recurrent mode for models with state
+    context_length: int | None = None  # window length in fixed-context mode
+    worker_count: int = 0
+    worker_buffer_size: int = 1
+    debug: bool = False
+    generation_block: int = 16  # tokens decoded per host check of the stop conditions
+
+
+class NonFiniteLogits(UserError):
+    def __init__(self, document_idx: int):
+        super().__init__(f"the model produced NaN or inf log-probabilities for request {document_idx}")
+        self.document_idx = document_idx
+
+
+def _zeros_totals(batch: int):
+    return {
+        "loglik": jnp.zeros((batch,), jnp.float32),
+        "num_tokens": jnp.zeros((batch,), jnp.int32),
+        "greedy": jnp.ones((batch,), bool),
+        "nonfinite": jnp.zeros((batch,), bool),
+        "next_token": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+class Engine:
+    """Scores requests and generates from a model that follows the model contract."""
+
+    def __init__(self, model: LanguageModel, settings: EngineSettings, progress: Callable[[int, int], None] | None = None):
+        self.model = model
+        self.settings = settings
+        self.progress = progress
+        self.recurrent = model.recurrent and settings.infinite
+        if not self.recurrent:
+            length = settings.context_length or model.context_length
+            if not length:
+                raise UserError("fixed-context evaluation needs a context_length (the model declares none)")
+            self.max_length = int(length)
+        else:
+            self.max_length = None
+        devices = jax.devices()
+        self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        self.batch_size = round_up(settings.batch_size, len(devices))
+        self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
+        self.compilations = 0
+        self._step = jax.jit(self._step_body, donate_argnums=(1, 2))
+        self._decode = jax.jit(self._decode_body, static_argnums=(3,))
+
+    # ---- device functions -------------------------------------------------------------
+    def _step_body(self, params, state, totals, offset, inputs, targets, valid, scored, last):
+        self.compilations += 1  # runs only while tracing
+        logits, state = self.model.apply(params, inputs, state, valid)
+        logits = logits.astype(jnp.float32)
+        if self.settings.debug:
+            logits = logits * DEBUG_LOGIT_SCALE
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        positions = offset + jnp.arange(inputs.shape[1])
+        at_last = positions[None, :] == last[:, None]
+        totals = {
+            "loglik": totals["loglik"] + jnp.where(scored, target_log_probs, 0.0).sum(-1),
+            "num_tokens": totals["num_tokens"] + scored.sum(-1, dtype=jnp.int32),
+            "greedy": totals["greedy"] & jnp.all(~scored | (argmax == targets), axis=-1),
+            "nonfinite": totals["nonfinite"] | jnp.any(scored & ~jnp.isfinite(target_log_probs), axis=-1),
+            "next_token": jnp.where(at_last.any(-1), jnp.where(at_last, argmax, 0).sum(-1), totals["next_token"]),
+        }
+        return state, totals
+
+    def _decode_body(self, params, state, token, steps):
+        self.compilations += 1
+
+        def one(carry, _):
+            state, token = carry
+            logits, state = self.model.apply(params, token[:, None], state, jnp.ones((token.shape[0], 1), bool))
+            token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+            return (state, token), token
+
+        (state, token), generated = jax.lax.scan(one, (state, token), None, length=steps)
+        return state, token, generated.T
+
+    # ---- host loop ----------------------------------------------------------------------
+    def _bucket(self, length: int) -> int:
+        if self.model.recurrent:
+            return round_up(length, self.settings.chunk_size)
+        return power_of_two_bucket(length, maximum=self.max_length)
+
+    def _run_batch(self, batch: dict[str, np.ndarray]):
+        """Dispatch every chunk of one batch; returns device arrays (state, totals) without waiting."""
+        rows, length = batch["inputs"].shape
+        state = self.model.init_state(rows) if self.model.recurrent else None
+        if state is not None:
+            state = jax.device_put(state, self._rows)
+        totals = jax.device_put(_zeros_totals(rows), self._rows)
+        last = jax.device_put(batch["last"], self._rows)
+        chunk = self.settings.chunk_size if self.model.recurrent else length
+        for start in range(0, length, chunk):
+            part = [jax.device_put(batch[name][:, start : start + chunk], self._rows) for name in ("inputs", "targets", "valid", "scored")]
+            state, totals = self._step(self.params, state, totals, np.int32(start), *part, last)
+        return state, totals
+
+    def _run(self, pieces: list[Piece], on_batch: Callable[[dict, dict], None]) -> None:
+        """Run all pieces; ``on_batch(batch, host_totals)`` gets each batch's results on the host.
+
+        The next batch is dispatched before the previous one's totals are read, so the device
+        never waits for the host between batches.
+        """
+        plans = plan_batches(np.array([p.length for p in pieces]), self.batch_size, self._bucket)
+        stream = batch_stream(
+            pieces, plans, self.batch_size,
+            worker_count=self.settings.worker_count, worker_buffer_size=self.settings.worker_buffer_size,
+        )
+        done, total = 0, sum(p.length for p in pieces)
+
+        def finish(batch, totals):
+            nonlocal done
+            on_batch(batch, jax.device_get(totals))
+            done += int(batch["valid"].sum())
+            if self.progress:
+                self.progress(done, total)
+
+        pending = None
+        for batch in stream:
+            _, totals = self._run_batch(batch)
+            if pending is not None:
+                finish(*pending)
+            pending = (batch, totals)
+        if pending is not None:
+            finish(*pending)
+
+    def score_pieces(self, pieces: list[Piece]) -> PieceResults:
+        parts = []
+
+        def collect(batch, totals):
+            bad = totals["nonfinite"] & (batch["document_idx"] > 0)
+            if bad.any():
+                raise NonFiniteLogits(int(batch["document_idx"][np.argmax(bad)]))
+            parts.append(PieceResults(batch["document_idx"], batch["sequence_idx"], totals["loglik"], totals["num_tokens"], totals["greedy"]))
+
+        self._run(pieces, collect)
+        return PieceResults.concatenate(parts)
+
+    def score(self, requests: list[tuple[list[int], list[int]]]) -> DocumentResults:
+        """(context, continuation) token lists -> per-request log-likelihood, token count, greedy."""
+        pieces = make_pieces(requests, self.max_length)
+        counts = np.bincount([p.document_idx - 1 for p in pieces], minlength=len(requests))
+        return fuse_document_results(self.score_pieces(pieces), counts)
+
+    # ---- generation -----------------------------------------------------------------------
+    def generate(self, contexts: list[list[int]], max_new_tokens: int, finished: Callable[[list[int]], bool]) -> list[list[int]]:
+        """Greedy continuation of each context until ``finished(tokens)`` or ``max_new_tokens``."""
+        if max_new_tokens < 1 or not contexts:
+            return [[] for _ in contexts]
+        generate = self._generate_recurrent if self.recurrent else self._generate_windowed
+        results: list[list[int]] = [None] * len(contexts)  # type: ignore[list-item]
+        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+        for start in range(0, len(order), self.batch_size):
+            group = order[start : start + self.batch_size]
+            for index, tokens in zip(group, generate([contexts[i] for i in group], max_new_tokens, finished)):
+                results[index] = tokens
+        return results
+
+    def _prefill_pieces(self, contexts: list[list[int]]) -> list[Piece]:
+        return [
+            Piece(i + 1, 0, np.asarray(c, np.int32), np.zeros(len(c), np.int32), 0) for i, c in enumerate(contexts)
+        ]
+
+    def _generate_recurrent(self, contexts, max_new_tokens, finished):
+        pieces = self._prefill_pieces(contexts)
+        batch = single_batch(pieces, self.batch_size, self._bucket)
+        state, totals = self._run_batch(batch)
+        token = totals["next_token"]
+        outputs = [[int(t)] for t in jax.device_get(token)[: len(contexts)]]
+        done = [finished(o) or max_new_tokens <= 1 for o in outputs]
+        produced = 1
+        while not all(done) and produced < max_new_tokens:
+            steps = self.settings.generation_block
+            state, token, block = self._decode(self.params, state, token, steps)
+            block = jax.device_get(block)
+            for row, output in enumerate(outputs):
+                for value in block[row][: max_new_tokens - produced]:
+                    if done[row]:
+                        break
+                    output.append(int(value))
+                    done[row] = finished(output)
+            produced += steps
+        return [o[:max_new_tokens] for o in outputs]
+
+    def _generate_windowed(self, contexts, max_new_tokens, finished):
+        """Stateless models: one full pass over the last ``max_length`` tokens per new token."""
+        sequences = [list(c) for c in contexts]
+        outputs = [[] for _ in contexts]
+        done = [False] * len(contexts)
+        for _ in range(max_new_tokens):
+            active = [i for i in range(len(contexts)) if not done[i]]
+            if not active:
+                break
+            windows = [sequences[i][-self.max_length :] for i in active]
+            batch = single_batch(self._prefill_pieces(windows), self.batch_size, self._bucket)
+            _, totals = self._run_batch(batch)
+            for i, value in zip(active, jax.device_get(totals["next_token"])):
+                sequences[i].append(int(value))
+                outputs[i].append(int(value))
+                done[i] = finished(outputs[i])
+        return outputs
+
+
+def single_batch(pieces: list[Piece], batch_size: int, bucket: Callable[[int], int]) -> dict[str, np.ndarray]:
+    """One batch holding all ``pieces`` (at most ``batch_size``), built without a pipeline."""
+    plan = BatchPlan(tuple(range(len(pieces))), bucket(max(p.length for p in pieces)))
+    return MaterializeBatch(pieces, batch_size)(plan)

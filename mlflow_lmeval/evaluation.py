@@ -1,0 +1,152 @@
+"""``evaluate``: a checkpoint and an EvalConfig in, lm-eval's results out and on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .config import EvalConfig
+from .errors import UserError
+
+RESULTS_FILE = "results.json"
+
+
+def configure_environment(cache_dir: str | os.PathLike | None = None) -> None:
+    """Keep lm-eval, datasets and MLflow offline and out of site-packages.
+
+    Must run before lm_eval is imported: it reads its cache location at import time.
+    """
+    cache_dir = Path(cache_dir or os.environ.get("MLFLOW_LMEVAL_CACHE", Path.home() / ".cache" / "mlflow_lmeval"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HOME", str(cache_dir / "hf"))
+    os.environ.setdefault("LM_HARNESS_CACHE_PATH", str(cache_dir / "lm_eval_requests"))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap pool must not fork under JAX
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def task_manager(tasks: tuple[str, ...], include_path: str | None):
+    """A TaskManager that knows every requested task, indexing lm-eval's own only when needed."""
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        raise UserError("no tasks given; name at least one with --tasks")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"include path not found: {include_path}")
+    if include_path is not None:
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if not _unknown_tasks(manager, tasks):
+            return manager
+    manager = TaskManager(include_path=include_path, include_defaults=True)
+    unknown = _unknown_tasks(manager, tasks)
+    if unknown:
+        where = f" in {include_path} or" if include_path else ""
+        raise UserError(f"unknown task(s): {', '.join(unknown)} (not found{where} among lm-eval's tasks)")
+    return manager
+
+
+def _unknown_tasks(manager, tasks) -> list[str]:
+    known = set(manager.all_tasks)
+    return [t for t in tasks if t not in known and not manager.match_tasks([t])]
+
+
+def safe_name(name: str) -> str:
+    """A file-name fragment that cannot leave its directory."""
+    cleaned = re.sub(r"[^\w.\-]", "_", name).lstrip(".")
+    return cleaned or "_"
+
+
+def json_safe(value: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(value, default=handle_non_serializable))
+
+
+def run_lm_eval(lm, config: EvalConfig) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on an LM with everything the config sets."""
+    import lm_eval
+
+    manager = task_manager(config.evaluation_tasks, config.include_path)
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(config.evaluation_tasks),
+            num_fewshot=config.num_fewshot,
+            limit=config.limit_requests,
+            bootstrap_iters=config.bootstrap_iters,
+            log_samples=config.log_samples,
+            write_out=config.write_out,
+            cache_requests=config.cache_requests,
+            system_instruction=config.system_instruction,
+            apply_chat_template=config.apply_chat_template,
+            task_manager=manager,
+        )
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise UserError(f"lm-eval could not run the tasks: {type(error).__name__}: {error}") from error
+    if output is None:
+        raise UserError("lm-eval returned no results")
+    return output
+
+
+def write_results(output: dict, output_path: str | os.PathLike) -> Path:
+    """Write ``results.json`` (samples excluded) and ``samples_<task>.jsonl`` per task."""
+    directory = Path(output_path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        samples = output.pop("samples", None) or {}
+        for task, records in samples.items():
+            with open(directory / f"samples_{safe_name(task)}.jsonl", "w", encoding="utf-8") as handle:
+                for record in json_safe(records):
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        results = json_safe(output)
+        staging = directory / (RESULTS_FILE + ".partial")
+        staging.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        staging.replace(directory / RESULTS_FILE)
+    except OSError as error:
+        raise UserError(f"cannot write results to {directory}: {error.strerror or error}") from None
+    return directory / RESULTS_FILE
+
+
+def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, show_progress: bool = True) -> dict:
+    """Evaluate a checkpoint on lm-eval tasks; returns lm-eval's results dict, JSON-safe.
+
+    With ``config.output_path`` set, ``results.json`` (and samples) are written there.
+    """
+    config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
+    configure_environment()
+    from .engine.loop import EngineSettings
+    from .lm import JaxLM
+    from .models.checkpoint import load_checkpoint
+    from .tokenizer import Tokenizer
+
+    checkpoint = load_checkpoint(checkpoint_dir)
+    tokenizer = Tokenizer.load(config.tokenizer_path) if config.tokenizer_path else checkpoint.tokenizer
+    settings = EngineSettings(
+        batch_size=config.batch_size,
+        chunk_size=config.infinite_eval_chunksize,
+        infinite=config.use_infinite_eval,
+        context_length=config.context_length,
+        worker_count=config.worker_count,
+        worker_buffer_size=config.worker_buffer_size,
+        debug=config.debug,
+    )
+    lm = JaxLM(checkpoint.model, tokenizer, settings, chat_template=config.apply_chat_template, show_progress=show_progress)
+    output = run_lm_eval(lm, config)
+    output["checkpoint"] = {
+        "path": str(checkpoint.path),
+        "step": checkpoint.step,
+        "fingerprint": checkpoint.fingerprint,
+        "mlflow_run_id": checkpoint.mlflow_run_id,
+    }
+    output["eval_config"] = config.to_dict()
+    output["engine"] = {"compilations": lm.engine.compilations, "scored_tokens": {k: sum(v) for k, v in lm.scored_tokens.items()}}
+    if config.output_path:
+        write_results(output, config.output_path)
+    output.pop("samples", None)
+    return json_safe(output)

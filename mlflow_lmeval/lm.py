@@ -1,0 +1,174 @@
+"""The lm-eval model: lm-eval's requests in, the engine's results out, with lm-eval's semantics."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from .engine.loop import Engine, EngineSettings
+from .errors import UserError
+from .models.protocol import LanguageModel
+from .tokenizer import Tokenizer
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+@register_model("mlflow_lmeval", "jax-recurrent")
+class JaxLM(TemplateLM):
+    """Serves ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` from a JAX model.
+
+    ``scored_tokens`` records, per request type, the number of scored tokens of each request in
+    the order lm-eval asked, so token-level statistics can be computed afterwards.
+    """
+
+    backend = "causal"
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        tokenizer: Tokenizer,
+        settings: EngineSettings = EngineSettings(),
+        chat_template: bool | str = False,
+        show_progress: bool = True,
+    ):
+        super().__init__()
+        if tokenizer.vocab_size > model.vocab_size:
+            raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's ({model.vocab_size})")
+        self.sp = tokenizer
+        self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None)
+        self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
+        self.scored_tokens: dict[str, list[int]] = collections.defaultdict(list)
+
+    # ---- tokenization -----------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.sp.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.sp.bos_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "sentencepiece"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.sp.encode(string)
+
+    def tok_decode(self, tokens) -> str:
+        return self.sp.decode(tokens)
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        for request in requests:
+            context, continuation = request.args
+            if not self.tok_encode(continuation):
+                raise UserError(f"request {_describe(request)} has a continuation that tokenizes to nothing: {continuation!r}")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        results = self.engine.score([(context, continuation) for _, context, continuation in requests])
+        self.scored_tokens["loglikelihood"].extend(int(n) for n in results.num_tokens)
+        return [(float(loglik), bool(greedy)) for loglik, greedy in zip(results.loglik, results.greedy)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        encoded = []
+        for request in requests:
+            (text,) = request.args[:1]
+            tokens = self.tok_encode(text)
+            if not tokens:
+                raise UserError(f"request {_describe(request)} is a document that tokenizes to nothing")
+            encoded.append(([self.prefix_token_id], tokens))
+        results = self.engine.score(encoded)
+        self.scored_tokens["loglikelihood_rolling"].extend(int(n) for n in results.num_tokens)
+        return [float(loglik) for loglik in results.loglik]
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        outputs: list[str] = [""] * len(requests)
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for index, request in enumerate(requests):
+            until, max_gen_toks = self._generation_settings(request.args[1])
+            groups[(tuple(until), max_gen_toks)].append(index)
+        for (until, max_gen_toks), indices in groups.items():
+            contexts = []
+            for i in indices:
+                tokens = self.tok_encode(requests[i].args[0])
+                contexts.append(tokens if tokens else [self.prefix_token_id])
+            if self.engine.max_length is not None:
+                contexts = [c[-self.engine.max_length :] for c in contexts]
+            finished = _stop_checker(self, until)
+            for i, tokens in zip(indices, self.engine.generate(contexts, max_gen_toks, finished)):
+                outputs[i] = _cut_at_stop(self.tok_decode([t for t in tokens if t != self.eot_token_id]), until)
+                self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+        return outputs
+
+    def _generation_settings(self, gen_kwargs: dict[str, Any]) -> tuple[list[str], int]:
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.pop("until", None) or []
+        if isinstance(until, str):
+            until = [until]
+        max_gen_toks = int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        if max_gen_toks < 1:
+            raise UserError(f"max_gen_toks must be positive, got {max_gen_toks}")
+        return list(until), max_gen_toks
+
+    # ---- chat ------------------------------------------------------------------------------------
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self._chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment().from_string(self._chat_template or DEFAULT_CHAT_TEMPLATE)
+        return template.render(messages=chat_history, add_generation_prompt=add_generation_prompt)
+
+
+def _describe(request) -> str:
+    return f"{request.task_name}#{request.doc_id}" if getattr(request, "task_name", None) else str(request.args)[:80]
+
+
+def _cut_at_stop(text: str, until) -> str:
+    for stop in until:
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+def _stop_checker(lm: JaxLM, until):
+    def finished(tokens: list[int]) -> bool:
+        if tokens and tokens[-1] == lm.eot_token_id:
+            return True
+        if not until:
+            return False
+        # A stop string can straddle tokens, so check the decoded tail.
+        text = lm.tok_decode(tokens)
+        return any(stop and stop in text for stop in until)
+
+    return finished
+
+
+class _ProgressBar:
+    """tqdm over the scored tokens of one engine call, showing tokens/s."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None or done < self.bar.n:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", leave=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real-looking corpus from the standard library, a tokenizer, tiny models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DISABLE_MULTIPROC", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlflow_lmeval.models import mlstm
+
+TINY = dict(embed_dim=32, num_layers=2, num_heads=2)
+
+
+def run_in_chunks(model, params, tokens, chunk_size, mask=None):
+    """Naive reference: feed ``tokens`` [B, T] through ``model.apply`` chunk by chunk."""
+    batch, length = tokens.shape
+    mask = np.ones((batch, length), bool) if mask is None else mask
+    apply = jax.jit(model.apply)
+    state, outputs = model.init_state(batch), []
+    for start in range(0, length, chunk_size):
+        stop = start + chunk_size
+        logits, state = apply(params, tokens[:, start:stop], state, mask[:, start:stop])
+        outputs.append(np.asarray(logits))
+    return np.concatenate(outputs, axis=1), state
+
+
+def log_probs(logits):
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+
+
+@pytest.fixture(scope="session")
+def corpus_path(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "pydoc.txt"
+    path.write_text("\n\n".join(topics[name] for name in sorted(topics)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_path, tmp_path_factory):
+    from mlflow_lmeval.tokenizer import train_tokenizer
+
+    return train_tokenizer(corpus_path, 512, tmp_path_factory.mktemp("tok") / "tok.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tokenizer):
+    return mlstm.MLSTMConfig(vocab_size=tokenizer.vocab_size, **TINY).validate()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(corpus_path, tokenizer, tiny_config, tmp_path_factory):
+    """Checkpoints at steps 20 and 60 of a short real training run, plus the logged losses."""
+    from mlflow_lmeval.training import TrainSettings, encode_corpus, train
+
+    losses = {}
+    settings = TrainSettings(steps=60, save_steps=(20, 60), batch_size=8, sequence_length=64, log_every=5)
+    paths = train(
+        encode_corpus(corpus_path, tokenizer), tokenizer, tiny_config, settings,
+        tmp_path_factory.mktemp("ckpt"), on_log=lambda step, m: losses.__setitem__(step, m["loss"]),
+    )
+    return paths, losses
