@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import EvalConfig
 from .errors import UserError
 
 
@@ -54,6 +55,45 @@ def _cmd_train(args) -> None:
         print(f"wrote {path}")
 
 
+def _number(text: str) -> int | float:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+
+
+def _cmd_evaluate(args) -> None:
+    from .config import EvalConfig
+    from .evaluation import evaluate
+
+    config = EvalConfig(
+        evaluation_tasks=args.tasks,
+        tokenizer_path=args.tokenizer,
+        cache_requests=not args.no_cache_requests,
+        limit_requests=args.limit,
+        write_out=args.write_out,
+        use_infinite_eval=not args.no_infinite_eval,
+        infinite_eval_chunksize=args.chunk_size,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        worker_buffer_size=args.worker_buffer_size,
+        worker_count=args.worker_count,
+        debug=args.debug_logits,
+        system_instruction=args.system_instruction,
+        num_fewshot=args.num_fewshot,
+        bootstrap_iters=args.bootstrap_iters,
+        apply_chat_template=args.apply_chat_template,
+        include_path=args.include_path,
+        output_path=args.output_path,
+        log_samples=args.log_samples,
+    )
+    results = evaluate(args.checkpoint, config)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    print(f"wrote {args.output_path}/results.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mlflow-lmeval", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -77,6 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sequence_length", type=_positive_int, default=128)
     tr.add_argument("--learning_rate", type=float, default=3e-3)
     tr.set_defaults(func=_cmd_train)
+
+    defaults = EvalConfig()
+    ev = commands.add_parser("evaluate", help="run lm-eval tasks on a checkpoint")
+    ev.add_argument("--checkpoint", required=True, help="a step_<N>/ checkpoint directory")
+    ev.add_argument("--tasks", required=True, help="comma-separated task names")
+    ev.add_argument("--include_path", help="directory of local task YAML files")
+    ev.add_argument("--output_path", required=True, help="directory for results.json and samples")
+    ev.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's own)")
+    ev.add_argument("--limit", type=_number, help="examples per task: a count, or a fraction below 1")
+    ev.add_argument("--num_fewshot", type=int)
+    ev.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    ev.add_argument("--chunk_size", type=int, default=defaults.infinite_eval_chunksize, help="tokens per recurrent step")
+    ev.add_argument("--no_infinite_eval", action="store_true", help="fixed-context windows instead of the recurrent loop")
+    ev.add_argument("--context_length", type=int, help="window length in fixed-context mode")
+    ev.add_argument("--bootstrap_iters", type=int, default=defaults.bootstrap_iters)
+    ev.add_argument("--log_samples", action="store_true", help="also write samples_<task>.jsonl")
+    ev.add_argument("--write_out", action="store_true", help="print example prompts")
+    ev.add_argument("--system_instruction")
+    ev.add_argument("--apply_chat_template", nargs="?", const=True, default=False, metavar="TEMPLATE",
+                    help="render prompts with a chat template: the default one, or this Jinja string")
+    ev.add_argument("--worker_count", type=int, default=defaults.worker_count)
+    ev.add_argument("--worker_buffer_size", type=int, default=defaults.worker_buffer_size)
+    ev.add_argument("--no_cache_requests", action="store_true", help="rebuild lm-eval's requests every time")
+    ev.add_argument("--debug_logits", action="store_true", help="scale logits so a random model gives finite metrics")
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -175,8 +175,8 @@ f1 = _sum_form(
     "f1",
     _f1_features,
     _f1_finish,
-    "Binary F1 of (gold, pred) pairs, positive label 1 (sklearn f1_score). "
-    "x: [k, n, 2] -> [k].",
+    "Binary F1 of (gold, pred) pairs, positive label 1 (sklearn f1_score; other "
+    "labels count as negative where sklearn would raise). x: [k, n, 2] -> [k].",
 )
 mcc = _sum_form(
     "mcc",
@@ -194,6 +194,7 @@ def median(x):
     return np.partition(x, m, axis=-1)[..., m]
 
 
+# Which order statistic: lets the bootstrap draw it directly (see module doc).
 median.rank = lambda n: n // 2
 
 
@@ -257,7 +258,7 @@ class _Lanes:
         n = self.n
         rejected = lanes[:, :n] >= self.accept
         # uint8 view + narrow accumulator: ~3x faster than count_nonzero(axis=1).
-        need = rejected.view(np.uint8).sum(axis=1, dtype=np.int32)
+        need = rejected.view(np.uint8).sum(axis=1, dtype=np.uint16 if n < 1 << 16 else np.int64)
         ok = lanes[:, n:] < self.accept
         use = ok & (np.cumsum(ok, axis=1) <= need[:, None])
         short = need - np.count_nonzero(use, axis=1)
@@ -284,11 +285,11 @@ class _Lanes:
         return idx
 
 
-def _scratch(store: dict, key: str, shape: tuple, fill=None) -> np.ndarray:
+def _scratch(store: dict, key: str, shape: tuple) -> np.ndarray:
     # Reused per worker: fresh multi-MB arrays per chunk cost page faults.
     buf = store.get(key)
     if buf is None or buf.shape[1:] != shape[1:] or len(buf) < shape[0]:
-        buf = store[key] = np.empty(shape) if fill is None else np.full(shape, fill)
+        buf = store[key] = np.empty(shape)
     return buf[: shape[0]]
 
 
@@ -332,24 +333,27 @@ def _lane_sums(feats, iters, seed, chunk_size, workers):
     else:
         table = None
 
+    ones = np.ones(width)
+
     def kernel(row0, rows, scratch):
         raw = lanes.draw(row0, rows)
         vals = _scratch(scratch, "vals", (rows, width, d))
+        flat = vals[..., 0] if d == 1 else vals
         if table is not None:
-            np.take(table if d > 1 else table[:, 0], raw, axis=0, mode="clip",
-                    out=vals if d > 1 else vals[..., 0])
+            # Lanes are always in range; "wrap" is numpy's cheapest mode here.
+            np.take(table[:, 0] if d == 1 else table, raw, axis=0, mode="wrap", out=flat)
         else:
             np.take(feats, raw % n, axis=0, out=vals)
             vals[raw >= lanes.accept] = 0.0
-        # Primary lanes weigh 1 (rejected ones look up 0); tail lanes weigh 1
-        # only where they stand in for a rejected lane.
-        weights = _scratch(scratch, "w", (rows, width), fill=1.0)
-        weights[:, n:] = 0.0
+        # Rejected lanes already hold zeros; keep only the tail lanes that
+        # stand in for them.
         fb_rows = fb_docs = None
         if lanes.rejects:
             _, use, fb_rows, fb_docs = lanes.repairs(raw, row0)
-            weights[:, n:] = use
-        sums = np.matmul(weights[:, None, :], vals)[:, 0, :]
+            flat[:, n:] *= use if d == 1 else use[..., None]
+        else:
+            flat[:, n:] = 0.0
+        sums = flat.sum(axis=1)[:, None] if d == 1 else np.matmul(ones, vals)
         if fb_rows is not None and len(fb_rows):
             np.add.at(sums, fb_rows, feats[fb_docs])
         return sums

@@ -67,3 +67,29 @@ def trained_checkpoints(corpus_path, tokenizer, tiny_config, tmp_path_factory):
         tmp_path_factory.mktemp("ckpt"), on_log=lambda step, m: losses.__setitem__(step, m["loss"]),
     )
     return paths, losses
+
+
+@pytest.fixture(scope="session")
+def checkpoint(trained_checkpoints):
+    from mlflow_lmeval import load
+
+    return load(trained_checkpoints[0][-1])
+
+
+@pytest.fixture(scope="session")
+def long_documents():
+    """Real text of several thousand tokens each (the longest pydoc topics)."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics, key=lambda n: -len(topics[n]))[:3]]
+
+
+def naive_loglikelihood(checkpoint, context, continuation):
+    """One request alone, one full forward pass: (sum log p(continuation), all greedy)."""
+    sequence = np.asarray(context + continuation, np.int32)
+    logits = checkpoint.logits(sequence[None, :-1])[0]
+    scored = log_probs(logits)[len(context) - 1 :]
+    targets = sequence[len(context) :]
+    loglik = float(scored[np.arange(len(targets)), targets].sum())
+    greedy = bool(np.all(logits[len(context) - 1 :].argmax(-1) == targets))
+    return loglik, greedy

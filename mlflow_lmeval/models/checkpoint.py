@@ -105,11 +105,17 @@ class Checkpoint:
         return full_pass
 
     def logits(self, tokens) -> np.ndarray:
-        """tokens int32 [B, T] -> float32 [B, T, V]: one full forward pass from a fresh state."""
-        tokens = jnp.asarray(tokens, jnp.int32)
+        """tokens int32 [B, T] -> float32 [B, T, V]: one full forward pass from a fresh state.
+
+        The length is padded on the right to a multiple of 64, which a causal model cannot see,
+        so that calls of many different lengths share a few compilations.
+        """
+        tokens = np.asarray(tokens, np.int32)
         if tokens.ndim != 2:
             raise UserError(f"tokens must have shape [batch, length], got {tokens.shape}")
-        return np.asarray(self._full_pass(self.params, tokens), np.float32)
+        length = tokens.shape[1]
+        padded = np.pad(tokens, [(0, 0), (0, -length % 64)])
+        return np.asarray(self._full_pass(self.params, padded), np.float32)[:, :length]
 
 
 def _read_metadata(path: Path) -> dict:

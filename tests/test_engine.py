@@ -1,0 +1,178 @@
+"""The engine: chunked == fixed-context == batched == naive, windows follow lm-eval, few compilations."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from mlflow_lmeval import from_linen_cache
+from mlflow_lmeval.engine.loop import Engine, EngineSettings
+from conftest import log_probs, naive_loglikelihood
+
+
+@pytest.fixture(scope="module")
+def requests(checkpoint, long_documents):
+    """Three documents of thousands of tokens (rolling shape) and short context/continuation pairs."""
+    tok = checkpoint.tokenizer
+    rolling = [([tok.bos_id], tok.encode(text)) for text in long_documents]
+    words = long_documents[0].split()
+    pairs = [(tok.encode(" ".join(words[i : i + 5 + i % 40])), tok.encode(" " + words[i + 5 + i % 40])) for i in range(0, 600, 37)]
+    assert min(len(c) for _, c in rolling) > 2000
+    return rolling + pairs
+
+
+def score(checkpoint, requests, **settings):
+    return Engine(checkpoint.model, EngineSettings(**settings)).score(requests)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, requests):
+    return score(checkpoint, requests, chunk_size=64, batch_size=8)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7])
+def test_chunk_sizes_agree(checkpoint, requests, reference, chunk_size):
+    result = score(checkpoint, requests, chunk_size=chunk_size, batch_size=8)
+    np.testing.assert_allclose(result.loglik, reference.loglik, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(result.greedy, reference.greedy)
+    np.testing.assert_array_equal(result.num_tokens, reference.num_tokens)
+
+
+def test_fixed_context_equals_recurrent_when_everything_fits(checkpoint, requests, reference):
+    longest = max(len(c) + len(x) for c, x in requests)
+    result = score(checkpoint, requests, infinite=False, context_length=longest, batch_size=8)
+    np.testing.assert_allclose(result.loglik, reference.loglik, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(result.greedy, reference.greedy)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batch_sizes_agree(checkpoint, requests, reference, batch_size):
+    result = score(checkpoint, requests, batch_size=batch_size)
+    np.testing.assert_allclose(result.loglik, reference.loglik, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(result.greedy, reference.greedy)
+
+
+def test_every_request_equals_a_naive_full_pass(checkpoint, requests, reference):
+    for (context, continuation), loglik, greedy, count in zip(requests, reference.loglik, reference.greedy, reference.num_tokens):
+        expected_loglik, expected_greedy = naive_loglikelihood(checkpoint, context, continuation)
+        assert loglik == pytest.approx(expected_loglik, rel=1e-5, abs=1e-4)
+        assert greedy == expected_greedy and count == len(continuation)
+
+
+def test_fixed_context_windows_follow_lm_eval(checkpoint, requests):
+    """Rolling requests cut into windows equal lm-eval's own rolling windows, scored naively."""
+    window = 96
+    rolling = requests[:3]
+    result = score(checkpoint, rolling, infinite=False, context_length=window, batch_size=4)
+    for (prefix, tokens), loglik in zip(rolling, result.loglik):
+        expected = 0.0
+        for context, continuation in map(make_disjoint_window, get_rolling_token_windows(tokens, prefix[0], window, 1)):
+            inputs = (context + continuation)[-(window + 1) :]
+            assert len(inputs) - 1 <= window
+            expected += naive_loglikelihood(checkpoint, inputs[: len(inputs) - len(continuation)], continuation)[0]
+        assert loglik == pytest.approx(expected, rel=1e-5)
+
+
+def test_long_continuation_in_fixed_context_scores_only_the_continuation(checkpoint, requests):
+    """A loglikelihood request longer than the window is windowed; its context is never scored."""
+    context, continuation = requests[0][1][:300], requests[0][1][300:700]
+    result = score(checkpoint, [(context, continuation)], infinite=False, context_length=128, batch_size=2)
+    assert result.num_tokens[0] == len(continuation)
+    sequence = context + continuation
+    expected = 0.0
+    for start in range(len(context), len(sequence), 128):
+        end = min(start + 128, len(sequence))
+        inputs = sequence[max(0, end - 129) : end]
+        expected += naive_loglikelihood(checkpoint, inputs[: len(inputs) - (end - start)], inputs[len(inputs) - (end - start) :])[0]
+    assert result.loglik[0] == pytest.approx(expected, rel=1e-5)
+
+
+class Bigram(nn.Module):
+    """A stateless causal model: each position sees only its own token."""
+
+    vocab: int
+
+    @nn.compact
+    def __call__(self, tokens, mask):
+        return nn.Dense(self.vocab)(nn.tanh(nn.Embed(self.vocab, 16)(tokens)))
+
+
+@pytest.fixture(scope="module")
+def stateless():
+    module = Bigram(64)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), mask=jnp.ones((1, 4), bool))["params"]
+    return from_linen_cache(module, params, vocab_size=64, context_length=32)
+
+
+def mixed_requests(count, seed):
+    """Every other request is short (one bucket), the rest up to 140 tokens (all buckets)."""
+    rng = np.random.default_rng(seed)
+    return [
+        (list(rng.integers(0, 64, rng.integers(1, 6 if i % 2 else 80))), list(rng.integers(0, 64, rng.integers(1, 6 if i % 2 else 60))))
+        for i in range(count)
+    ]
+
+
+def test_stateless_model_windows_equal_naive(stateless):
+    requests = mixed_requests(40, 0)
+    result = Engine(stateless, EngineSettings(batch_size=8)).score(requests)
+    apply = jax.jit(lambda tokens: stateless.apply(stateless.params, tokens, None, jnp.ones(tokens.shape, bool))[0])
+    for (context, continuation), loglik in zip(requests, result.loglik):
+        sequence = context + continuation
+        expected = 0.0
+        for start in range(len(context), len(sequence), 32):
+            end = min(start + 32, len(sequence))
+            inputs = np.asarray(sequence[max(0, end - 33) : end - 1])[None]
+            targets = np.asarray(sequence[end - (end - start) : end])
+            scores = log_probs(apply(inputs))[0][-(end - start) :]
+            expected += scores[np.arange(len(targets)), targets].sum()
+        assert loglik == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("model_kind", ["recurrent", "stateless"])
+def test_compilations_do_not_grow_with_requests(checkpoint, stateless, model_kind):
+    model = checkpoint.model if model_kind == "recurrent" else stateless
+    counts = []
+    for count in (100, 500):
+        requests = [([c % 64 for c in ctx], [c % 64 for c in cont]) for ctx, cont in mixed_requests(count, count)]
+        engine = Engine(model, EngineSettings(batch_size=8, chunk_size=16, infinite=True))
+        engine.score(requests)
+        counts.append(engine.compilations)
+    # one step shape for the recurrent loop; one per power-of-two bucket (16, 32) for windows
+    assert counts[0] == counts[1] == (1 if model_kind == "recurrent" else 2), counts
+
+
+def naive_greedy_decode(checkpoint, context, steps):
+    sequence = list(context)
+    for _ in range(steps):
+        sequence.append(int(checkpoint.logits(np.asarray(sequence, np.int32)[None])[0, -1].argmax()))
+    return sequence[len(context) :]
+
+
+def test_generate_equals_naive_argmax_decode(checkpoint, requests):
+    contexts = [c for c, _ in requests[3:8]] + [requests[0][1][:50]]
+    engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=16, generation_block=5))
+    generated = engine.generate(contexts, 12, lambda tokens: False)
+    for context, tokens in zip(contexts, generated):
+        assert tokens == naive_greedy_decode(checkpoint, context, 12)
+
+
+def test_generate_stops_when_finished(checkpoint, requests):
+    context = requests[4][0]
+    full = naive_greedy_decode(checkpoint, context, 12)
+    engine = Engine(checkpoint.model, EngineSettings(batch_size=2, generation_block=4))
+    (tokens,) = engine.generate([context], 12, lambda tokens: len(tokens) >= 3 and tokens[2] == full[2])
+    assert tokens == full[:3]
+
+
+def test_stateless_generate_equals_naive(stateless):
+    contexts = [ctx for ctx, _ in mixed_requests(5, 3)]
+    generated = Engine(stateless, EngineSettings(batch_size=4)).generate(contexts, 6, lambda t: False)
+    for context, tokens in zip(contexts, generated):
+        sequence = list(context)
+        for _ in range(6):
+            window = np.asarray(sequence[-32:])[None]
+            sequence.append(int(np.asarray(stateless.apply(stateless.params, window, None, np.ones(window.shape, bool))[0])[0, -1].argmax()))
+        assert tokens == sequence[len(context) :]
