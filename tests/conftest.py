@@ -93,3 +93,22 @@ def naive_loglikelihood(checkpoint, context, continuation):
     loglik = float(scored[np.arange(len(targets)), targets].sum())
     greedy = bool(np.all(logits[len(context) - 1 :].argmax(-1) == targets))
     return loglik, greedy
+
+
+@pytest.fixture(scope="session")
+def local_tasks(tmp_path_factory):
+    """The four local task types, written from held-out pydoc documents."""
+    from mlflow_lmeval.pipeline.corpus import pydoc_topics
+    from mlflow_lmeval.pipeline.tasks import write_tasks
+
+    directory = tmp_path_factory.mktemp("tasks")
+    documents = list(pydoc_topics())[::8]
+    names = write_tasks(directory, documents, prefix="t")
+    return directory, names
+
+
+def naive_greedy_decode(checkpoint, context, steps):
+    sequence = list(context)
+    for _ in range(steps):
+        sequence.append(int(checkpoint.logits(np.asarray(sequence, np.int32)[None])[0, -1].argmax()))
+    return sequence[len(context) :]

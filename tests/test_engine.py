@@ -9,7 +9,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mlflow_lmeval import from_linen_cache
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
-from conftest import log_probs, naive_loglikelihood
+from conftest import log_probs, naive_greedy_decode, naive_loglikelihood
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +142,6 @@ def test_compilations_do_not_grow_with_requests(checkpoint, stateless, model_kin
         counts.append(engine.compilations)
     # one step shape for the recurrent loop; one per power-of-two bucket (16, 32) for windows
     assert counts[0] == counts[1] == (1 if model_kind == "recurrent" else 2), counts
-
-
-def naive_greedy_decode(checkpoint, context, steps):
-    sequence = list(context)
-    for _ in range(steps):
-        sequence.append(int(checkpoint.logits(np.asarray(sequence, np.int32)[None])[0, -1].argmax()))
-    return sequence[len(context) :]
 
 
 def test_generate_equals_naive_argmax_decode(checkpoint, requests):

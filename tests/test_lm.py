@@ -1,0 +1,134 @@
+"""Through lm-eval: local tasks of every request type, lm-eval's encoding, samples and results."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mlflow_lmeval import EvalConfig
+from mlflow_lmeval.evaluation import evaluate
+from conftest import naive_loglikelihood
+
+
+def run(checkpoint_path, local_tasks, tmp_path, **overrides):
+    directory, names = local_tasks
+    config = dict(evaluation_tasks=names, include_path=str(directory), limit_requests=6, log_samples=True,
+                  output_path=str(tmp_path), bootstrap_iters=0)
+    config.update(overrides)
+    results = evaluate(checkpoint_path, EvalConfig.from_dict(config), show_progress=False)
+    samples = {
+        name: [json.loads(line) for line in (tmp_path / f"samples_{name}.jsonl").read_text().splitlines()]
+        for name in config["evaluation_tasks"]
+    }
+    return results, samples
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, local_tasks, tmp_path_factory):
+    return run(checkpoint.path, local_tasks, tmp_path_factory.mktemp("ref"))
+
+
+def test_results_have_every_metric(reference, local_tasks):
+    results, _ = reference
+    _, names = local_tasks
+    expected = {
+        "t_rolling": ["word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"],
+        "t_lastword": ["perplexity,none", "acc,none"],
+        "t_nextsentence": ["acc,none", "acc_norm,none"],
+        "t_complete": ["exact_match,none"],
+    }
+    for task, metrics in expected.items():
+        for metric in metrics:
+            assert np.isfinite(results["results"][task][metric]), (task, metric)
+    assert results["checkpoint"]["fingerprint"].startswith("sha256:")
+    on_disk = json.loads((__import__("pathlib").Path(results["eval_config"]["output_path"]) / "results.json").read_text())
+    assert on_disk["results"] == results["results"]
+
+
+def encode_like_lm_eval(checkpoint, context, continuation):
+    """lm-eval's TemplateLM rules, applied to the checkpoint's tokenizer."""
+    from lm_eval.api.model import TemplateLM
+
+    class Encoder(TemplateLM):
+        eot_token_id = checkpoint.tokenizer.eos_id
+        prefix_token_id = checkpoint.tokenizer.bos_id
+        tok_encode = staticmethod(lambda s, **kw: checkpoint.tokenizer.encode(s))
+        _loglikelihood_tokens = loglikelihood_rolling = generate_until = None
+
+    if context == "":
+        return [checkpoint.tokenizer.bos_id], checkpoint.tokenizer.encode(continuation)
+    return Encoder._encode_pair(Encoder.__new__(Encoder), context, continuation)
+
+
+@pytest.mark.parametrize("task", ["t_lastword", "t_nextsentence"])
+def test_loglikelihoods_equal_naive_full_pass(reference, checkpoint, task):
+    _, samples = reference
+    for sample in samples[task]:
+        for (context, continuation), (loglik, greedy) in zip(sample["arguments"], (r[0] for r in sample["resps"])):
+            expected = naive_loglikelihood(checkpoint, *encode_like_lm_eval(checkpoint, context, continuation))
+            assert float(loglik) == pytest.approx(expected[0], rel=1e-5, abs=1e-4)
+            assert bool(greedy) == expected[1]
+
+
+def test_rolling_loglikelihood_equals_naive_full_pass(reference, checkpoint):
+    _, samples = reference
+    for sample in samples["t_rolling"]:
+        text = sample["arguments"][0][0]
+        expected, _ = naive_loglikelihood(checkpoint, [checkpoint.tokenizer.bos_id], checkpoint.tokenizer.encode(text))
+        assert float(sample["resps"][0][0]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_generation_equals_naive_decode_cut_at_until(reference, checkpoint):
+    from conftest import naive_greedy_decode
+
+    _, samples = reference
+    tok = checkpoint.tokenizer
+    for sample in samples["t_complete"]:
+        context, gen_kwargs = sample["arguments"][0]
+        assert gen_kwargs["until"] == ["\n"]
+        tokens = naive_greedy_decode(checkpoint, tok.encode(context), gen_kwargs["max_gen_toks"])
+        if tok.eos_id in tokens:
+            tokens = tokens[: tokens.index(tok.eos_id)]
+        assert sample["resps"][0][0] == tok.decode(tokens).split("\n")[0]
+
+
+def test_generate_until_stops_at_a_stop_string(checkpoint):
+    from lm_eval.api.instance import Instance
+
+    from conftest import naive_greedy_decode
+    from mlflow_lmeval.engine.loop import EngineSettings
+    from mlflow_lmeval.lm import JaxLM
+
+    lm = JaxLM(checkpoint.model, checkpoint.tokenizer, EngineSettings(batch_size=2, generation_block=4), show_progress=False)
+    contexts = ["The while statement is used", "Raise an exception", "x"]
+    requests, expected = [], []
+    for index, context in enumerate(contexts):
+        text = checkpoint.tokenizer.decode(naive_greedy_decode(checkpoint, checkpoint.tokenizer.encode(context), 20))
+        assert len(text) >= 4
+        stop = text[len(text) // 2 : len(text) // 2 + 2]
+        requests.append(Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 20}), index))
+        expected.append(text.split(stop)[0])
+    assert lm.generate_until(requests) == expected
+
+
+@pytest.mark.parametrize("overrides", [dict(infinite_eval_chunksize=7), dict(use_infinite_eval=False, context_length=4096), dict(batch_size=3)],
+                         ids=["chunk7", "fixed-context", "batch3"])
+def test_settings_give_the_same_per_request_results(reference, checkpoint, local_tasks, tmp_path, overrides):
+    _, expected = reference
+    _, samples = run(checkpoint.path, local_tasks, tmp_path, **overrides)
+    for task in expected:
+        for got, want in zip(samples[task], expected[task]):
+            if task == "t_complete":
+                assert got["resps"] == want["resps"]
+                continue
+            for a, b in zip(got["resps"], want["resps"]):
+                a, b = (a[0], b[0]) if task == "t_rolling" else (a[0][0], b[0][0])
+                assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-4)
+
+
+def test_chat_template_and_system_instruction_reach_the_prompt(checkpoint, local_tasks, tmp_path):
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    _, samples = run(checkpoint.path, local_tasks, tmp_path, apply_chat_template=template, system_instruction="Be brief.",
+                     evaluation_tasks=("t_complete",), limit_requests=2)
+    prompt = samples["t_complete"][0]["arguments"][0][0]
+    assert prompt.startswith("[system] Be brief.\n[user] ") and prompt.endswith("[assistant] ")
