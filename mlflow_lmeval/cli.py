@@ -94,6 +94,19 @@ def _cmd_evaluate(args) -> None:
     print(f"wrote {args.output_path}/results.json")
 
 
+def _cmd_pipeline(args) -> None:
+    from .pipeline import stages
+    from .pipeline.params import load_params
+
+    params = load_params(args.params)
+    if args.stage == "evaluate":
+        if not args.name:
+            raise UserError("pipeline evaluate needs the checkpoint's name from evaluate.checkpoints")
+        stages.evaluate(params, args.name)
+    else:
+        getattr(stages, args.stage)(params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mlflow-lmeval", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -142,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no_cache_requests", action="store_true", help="rebuild lm-eval's requests every time")
     ev.add_argument("--debug_logits", action="store_true", help="scale logits so a random model gives finite metrics")
     ev.set_defaults(func=_cmd_evaluate)
+
+    pl = commands.add_parser("pipeline", help="run one DVC pipeline stage (dvc.yaml calls these)")
+    pl.add_argument("stage", choices=["prepare", "train", "evaluate", "publish", "report"])
+    pl.add_argument("name", nargs="?", help="for evaluate: the key in evaluate.checkpoints")
+    pl.add_argument("--params", default="params.yaml")
+    pl.set_defaults(func=_cmd_pipeline)
     return parser
 
 

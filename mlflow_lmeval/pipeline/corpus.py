@@ -50,6 +50,24 @@ def builtin_documents() -> list[tuple[str, str]]:
     return list(pydoc_topics()) + list(stdlib_docstrings())
 
 
+def chunk_words(text: str, document_words: int, prefix: str) -> list[tuple[str, str]]:
+    """Consecutive documents of about ``document_words`` words, cut at paragraph ends."""
+    documents, current, count = [], [], 0
+    for paragraph in text.split("\n\n"):
+        current.append(paragraph)
+        count += len(paragraph.split())
+        if count >= document_words:
+            documents.append("\n\n".join(current))
+            current, count = [], 0
+    if current and "".join(current).strip():
+        documents.append("\n\n".join(current))
+    return [(f"{prefix}:{index:05d}", doc) for index, doc in enumerate(documents) if doc.strip()]
+
+
+def text_file_documents(path: Path, document_words: int) -> list[tuple[str, str]]:
+    return chunk_words(path.read_text(encoding="utf-8", errors="replace"), document_words, prefix=path.stem)
+
+
 def is_heldout(name: str, heldout_fraction: float, seed: int) -> bool:
     """A stable split: depends only on the document name and the seed, not on the order."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()

@@ -1,0 +1,188 @@
+"""The DVC stage entry points: prepare -> train -> evaluate@<checkpoint> -> publish -> report.
+
+Each stage reads params.yaml from the working directory (DVC runs stages from the repo root) and
+writes only its declared outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+PREPARED = Path("data/prepared")
+TASKS = Path("data/tasks")
+CHECKPOINTS = Path("checkpoints")
+RESULTS = Path("results")
+METRICS = Path("metrics")
+REPORTS = Path("reports")
+TASK_PREFIX = "heldout"
+
+
+# ---- prepare ----------------------------------------------------------------------------------
+def load_documents(params) -> list[tuple[str, str]]:
+    """(name, text) documents from the configured source."""
+    from .corpus import builtin_documents, text_file_documents
+
+    source = params.source
+    if source == "builtin":
+        return builtin_documents()
+    if source.startswith("hf:"):
+        return _hf_documents(source[3:], params.hf_split, params.hf_text_field, params.document_words)
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"params.yaml: prepare.source: no such text file: {source}")
+    return text_file_documents(path, params.document_words)
+
+
+def _hf_documents(spec: str, split: str, field: str, document_words: int) -> list[tuple[str, str]]:
+    from .corpus import chunk_words
+
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, config or None, split=split)
+    except Exception as error:  # offline, unknown dataset, or missing split: all one answer
+        raise UserError(f"params.yaml: prepare.source: cannot load dataset {spec!r}: {str(error).splitlines()[0]}") from None
+    if field not in dataset.column_names:
+        raise UserError(f"params.yaml: prepare.hf_text_field: dataset has no column {field!r}")
+    text = "\n".join(str(row) for row in dataset[field])
+    return chunk_words(text, document_words, prefix=name)
+
+
+def prepare(params) -> None:
+    from ..tokenizer import train_tokenizer
+    from .corpus import is_heldout
+    from .tasks import write_tasks
+
+    p = params["prepare"]
+    documents = load_documents(p)
+    heldout = [d for d in documents if is_heldout(d[0], p.heldout_fraction, p.seed)]
+    train = [d for d in documents if not is_heldout(d[0], p.heldout_fraction, p.seed)]
+    if not heldout or not train:
+        raise UserError(f"params.yaml: prepare.heldout_fraction {p.heldout_fraction} leaves an empty split of {len(documents)} documents")
+    PREPARED.mkdir(parents=True, exist_ok=True)
+    (PREPARED / "train.txt").write_text("\n\n".join(text for _, text in train) + "\n", encoding="utf-8")
+    with open(PREPARED / "heldout.jsonl", "w", encoding="utf-8") as handle:
+        for name, text in heldout:
+            handle.write(json.dumps({"name": name, "text": text}, ensure_ascii=False) + "\n")
+    tokenizer = train_tokenizer(PREPARED / "train.txt", p.vocab_size, PREPARED / "tokenizer.model")
+    names = write_tasks(TASKS, heldout, prefix=TASK_PREFIX, seed=p.seed, data_root=Path.cwd())
+    print(f"prepared {len(train)} training and {len(heldout)} held-out documents, "
+          f"tokenizer of {tokenizer.vocab_size} pieces, tasks {', '.join(names)}")
+
+
+# ---- train --------------------------------------------------------------------------------------
+def train(params) -> None:
+    from ..models import mlstm
+    from ..tokenizer import Tokenizer
+    from ..training import TrainSettings, encode_corpus, print_progress, train as run_training
+
+    t = params["train"]
+    tokenizer = Tokenizer.load(PREPARED / "tokenizer.model")
+    config = mlstm.preset_config(t.model_size, tokenizer.vocab_size)
+    settings = TrainSettings(
+        steps=t.steps, save_steps=tuple(sorted(set(t.checkpoint_steps))), batch_size=t.batch_size,
+        sequence_length=t.sequence_length, learning_rate=t.learning_rate, seed=t.seed,
+    ).validate()
+    tokens = encode_corpus(PREPARED / "train.txt", tokenizer)
+    print(f"training {t.model_size} mLSTM ({mlstm.count_params(mlstm.init_params(config)):,} params) on {len(tokens):,} tokens", flush=True)
+    for path in run_training(tokens, tokenizer, config, settings, CHECKPOINTS, on_log=print_progress(t.steps)):
+        print(f"wrote {path}")
+
+
+# ---- evaluate -------------------------------------------------------------------------------------
+def flat_metrics(results: dict) -> dict:
+    """{task: {metric: value}} of the numeric results, for `dvc metrics`."""
+    flat = {}
+    for task, values in results.get("results", {}).items():
+        numbers = {
+            key.replace(",none", "").replace(",", "/"): value
+            for key, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("sample_len",)
+        }
+        flat[task] = numbers
+    return flat
+
+
+def evaluate(params, name: str) -> None:
+    from ..evaluation import evaluate as run_evaluation
+
+    e = params["evaluate"]
+    if name not in e.checkpoints:
+        raise UserError(f"params.yaml: evaluate.checkpoints has no entry {name!r}")
+    checkpoint = Path(str(e.checkpoints[name]))
+    if not checkpoint.is_dir():
+        raise UserError(f"params.yaml: evaluate.checkpoints.{name}: checkpoint directory not found: {checkpoint}")
+    output = RESULTS / name
+    results = run_evaluation(checkpoint, e.eval_config(str(output)))
+    METRICS.mkdir(exist_ok=True)
+    (METRICS / f"{name}.json").write_text(json.dumps(flat_metrics(results), indent=2) + "\n")
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def collect_results(directory: Path = RESULTS) -> list[dict]:
+    rows = []
+    for path in sorted(directory.glob("*/results.json")):
+        results = json.loads(path.read_text())
+        row = {"checkpoint": path.parent.name, "step": results["checkpoint"]["step"]}
+        for task, metrics in flat_metrics(results).items():
+            row.update({f"{task}/{metric}": value for metric, value in metrics.items()})
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["step"], r["checkpoint"]))
+
+
+def report(params) -> None:
+    rows = collect_results()
+    if not rows:
+        raise UserError(f"no results to report under {RESULTS}/")
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(REPORTS / "metrics_by_step.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, columns, REPORTS / "metrics_by_step.png")
+    print(f"wrote {REPORTS / 'metrics_by_step.csv'} and {REPORTS / 'metrics_by_step.png'} ({len(rows)} checkpoints)")
+
+
+def main_metrics(columns: list[str]) -> list[str]:
+    """The headline metric of each task: accuracy, else bits per byte, else the first one."""
+    by_task: dict[str, list[str]] = {}
+    for column in columns:
+        if "/" in column and "stderr" not in column:
+            by_task.setdefault(column.split("/")[0], []).append(column)
+    chosen = []
+    for task, names in by_task.items():
+        for preferred in ("acc", "bits_per_byte", "exact_match", "perplexity"):
+            if f"{task}/{preferred}" in names:
+                chosen.append(f"{task}/{preferred}")
+                break
+        else:
+            chosen.append(names[0])
+    return chosen
+
+
+def _plot(rows: list[dict], columns: list[str], path: Path) -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = main_metrics(columns)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        points = [(row["step"], row[metric]) for row in rows if metric in row]
+        stderr = [row.get(metric + "_stderr") for row in rows if metric in row]
+        steps, values = zip(*points)
+        if all(isinstance(s, (int, float)) for s in stderr):
+            axis.errorbar(steps, values, yerr=stderr, marker="o", capsize=3)
+        else:
+            axis.plot(steps, values, marker="o")
+        axis.set_title(metric, fontsize=9)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
