@@ -24,7 +24,7 @@ class EvalConfig:
     debug: bool = False  # scale logits so a random model yields finite metrics
     system_instruction: str | None = None
     num_fewshot: int | None = None
-    bootstrap_iters: int = 1000
+    bootstrap_iters: int = 100_000  # lm-eval's standard; cheap with our vectorised bootstrap
     apply_chat_template: bool | str = False  # True: the default template; a string: a Jinja template
     include_path: str | None = None
     output_path: str | None = None

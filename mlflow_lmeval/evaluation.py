@@ -70,21 +70,24 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
     """Run lm-eval's ``simple_evaluate`` on an LM with everything the config sets."""
     import lm_eval
 
+    from .lm_eval_stats import fast_stderrs
+
     manager = task_manager(config.evaluation_tasks, config.include_path)
     try:
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(config.evaluation_tasks),
-            num_fewshot=config.num_fewshot,
-            limit=config.limit_requests,
-            bootstrap_iters=config.bootstrap_iters,
-            log_samples=config.log_samples,
-            write_out=config.write_out,
-            cache_requests=config.cache_requests,
-            system_instruction=config.system_instruction,
-            apply_chat_template=config.apply_chat_template,
-            task_manager=manager,
-        )
+        with fast_stderrs():
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(config.evaluation_tasks),
+                num_fewshot=config.num_fewshot,
+                limit=config.limit_requests,
+                bootstrap_iters=config.bootstrap_iters,
+                log_samples=config.log_samples,
+                write_out=config.write_out,
+                cache_requests=config.cache_requests,
+                system_instruction=config.system_instruction,
+                apply_chat_template=config.apply_chat_template,
+                task_manager=manager,
+            )
     except UserError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as error:
@@ -122,6 +125,7 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, sh
     configure_environment()
     from .engine.loop import EngineSettings
     from .lm import JaxLM
+    from .lm_eval_stats import add_token_perplexity
     from .models.checkpoint import load_checkpoint
     from .tokenizer import Tokenizer
 
@@ -138,6 +142,7 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, sh
     )
     lm = JaxLM(checkpoint.model, tokenizer, settings, chat_template=config.apply_chat_template, show_progress=show_progress)
     output = run_lm_eval(lm, config)
+    add_token_perplexity(output, lm.document_scores, config.bootstrap_iters)
     output["checkpoint"] = {
         "path": str(checkpoint.path),
         "step": checkpoint.step,
@@ -145,7 +150,10 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, sh
         "mlflow_run_id": checkpoint.mlflow_run_id,
     }
     output["eval_config"] = config.to_dict()
-    output["engine"] = {"compilations": lm.engine.compilations, "scored_tokens": {k: sum(v) for k, v in lm.scored_tokens.items()}}
+    output["engine"] = {
+        "compilations": lm.engine.compilations,
+        "scored_tokens": {task: sum(n for _, n in scores) for task, scores in lm.document_scores.items()},
+    }
     if config.output_path:
         write_results(output, config.output_path)
     output.pop("samples", None)

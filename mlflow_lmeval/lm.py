@@ -24,8 +24,8 @@ DEFAULT_MAX_GEN_TOKS = 256
 class JaxLM(TemplateLM):
     """Serves ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` from a JAX model.
 
-    ``scored_tokens`` records, per request type, the number of scored tokens of each request in
-    the order lm-eval asked, so token-level statistics can be computed afterwards.
+    ``document_scores`` records, per task, the (log-likelihood, scored tokens) of every
+    loglikelihood and rolling request, for token-level statistics afterwards.
     """
 
     backend = "causal"
@@ -44,7 +44,8 @@ class JaxLM(TemplateLM):
         self.sp = tokenizer
         self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None)
         self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
-        self.scored_tokens: dict[str, list[int]] = collections.defaultdict(list)
+        self.document_scores: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
+        self._last_token_counts: list[int] = []
 
     # ---- tokenization -----------------------------------------------------------------------
     @property
@@ -71,11 +72,17 @@ class JaxLM(TemplateLM):
             context, continuation = request.args
             if not self.tok_encode(continuation):
                 raise UserError(f"request {_describe(request)} has a continuation that tokenizes to nothing: {continuation!r}")
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._record(requests, [loglik for loglik, _ in results])
+        return results
+
+    def _record(self, requests, logliks) -> None:
+        for request, loglik, count in zip(requests, logliks, self._last_token_counts):
+            self.document_scores[request.task_name].append((loglik, count))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         results = self.engine.score([(context, continuation) for _, context, continuation in requests])
-        self.scored_tokens["loglikelihood"].extend(int(n) for n in results.num_tokens)
+        self._last_token_counts = [int(n) for n in results.num_tokens]
         return [(float(loglik), bool(greedy)) for loglik, greedy in zip(results.loglik, results.greedy)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -87,8 +94,10 @@ class JaxLM(TemplateLM):
                 raise UserError(f"request {_describe(request)} is a document that tokenizes to nothing")
             encoded.append(([self.prefix_token_id], tokens))
         results = self.engine.score(encoded)
-        self.scored_tokens["loglikelihood_rolling"].extend(int(n) for n in results.num_tokens)
-        return [float(loglik) for loglik in results.loglik]
+        self._last_token_counts = [int(n) for n in results.num_tokens]
+        logliks = [float(loglik) for loglik in results.loglik]
+        self._record(requests, logliks)
+        return logliks
 
     # ---- generation ---------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -132,3 +132,35 @@ def test_chat_template_and_system_instruction_reach_the_prompt(checkpoint, local
                      evaluation_tasks=("t_complete",), limit_requests=2)
     prompt = samples["t_complete"][0]["arguments"][0][0]
     assert prompt.startswith("[system] Be brief.\n[user] ") and prompt.endswith("[assistant] ")
+
+
+def test_stderrs_for_every_metric_without_a_process_pool(checkpoint, local_tasks, tmp_path, monkeypatch):
+    """word/byte perplexity and bits_per_byte get stderrs (lm-eval gives "N/A"), computed without
+    forking a pool, and they agree with a plain bootstrap over the logged per-document items."""
+    import multiprocessing.pool
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a multiprocessing pool was started after JAX")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", no_pool)
+    results, samples = run(checkpoint.path, local_tasks, tmp_path, evaluation_tasks=("t_rolling", "t_lastword"),
+                           limit_requests=10, bootstrap_iters=20000)
+    rolling = results["results"]["t_rolling"]
+    items = np.array([s["word_perplexity"] for s in samples["t_rolling"]], dtype=float)  # (loglik, words) pairs
+    rng = np.random.default_rng(0)
+    resampled = items[rng.integers(0, len(items), (4000, len(items)))]
+    plain = np.std(np.exp(-resampled[..., 0].sum(1) / resampled[..., 1].sum(1)), ddof=1)
+    assert rolling["word_perplexity_stderr,none"] == pytest.approx(plain, rel=0.1)
+    for metric in ("byte_perplexity", "bits_per_byte", "token_perplexity", "mean_token_loglik"):
+        assert rolling[f"{metric}_stderr,none"] > 0, metric
+    lastword = results["results"]["t_lastword"]
+    assert lastword["perplexity_stderr,none"] > 0 and lastword["token_perplexity_stderr,none"] > 0
+
+
+def test_token_perplexity_is_computed_from_the_fused_documents(checkpoint, reference):
+    results, samples = reference
+    tok = checkpoint.tokenizer
+    logliks = [float(s["resps"][0][0]) for s in samples["t_rolling"]]
+    counts = [len(tok.encode(s["arguments"][0][0])) for s in samples["t_rolling"]]
+    expected = float(np.exp(-np.sum(logliks) / np.sum(counts)))
+    assert results["results"]["t_rolling"]["token_perplexity,none"] == pytest.approx(expected, rel=1e-9)

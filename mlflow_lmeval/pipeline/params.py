@@ -50,7 +50,7 @@ class EvaluateParams:
     chunk_size: int = 64
     use_infinite_eval: bool = True
     context_length: int | None = None
-    bootstrap_iters: int = 1000
+    bootstrap_iters: int = 100_000
     log_samples: bool = False
     worker_count: int = 0
     worker_buffer_size: int = 1
