@@ -1,0 +1,109 @@
+"""The DVC pipeline in a copy of the repository: repro, no-op repro, metrics, bad params."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "prepare": {"vocab_size": 400},
+    "train": {"steps": 12, "checkpoint_steps": [6, 12], "batch_size": 4, "sequence_length": 32},
+    "evaluate": {
+        "checkpoints": {"step_6": "checkpoints/step_6", "step_12": "checkpoints/step_12"},
+        "limit": 4,
+        "bootstrap_iters": 1000,
+    },
+}
+
+
+def run(args, cwd, check=True, timeout=600):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def copy_repo(destination: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+    for generated in ("dvc.lock", "metrics", "reports/metrics_by_step.csv"):
+        shutil.rmtree(destination / generated, ignore_errors=True) if (destination / generated).is_dir() else (destination / generated).unlink(missing_ok=True)
+    run(["git", "init", "-q"], destination)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], destination)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], destination)
+    return destination
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params.setdefault(section, {}).update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    set_params(repo, SMALL)
+    run(["dvc", "repro"], repo)
+    return repo
+
+
+def test_repro_writes_every_output(repo):
+    for path in ["data/prepared/tokenizer.model", "data/tasks/heldout_rolling.yaml", "checkpoints/step_6/metadata.json",
+                 "checkpoints/step_12/metadata.json", "results/step_6/results.json", "results/step_12/results.json",
+                 "metrics/step_12.json", "reports/metrics_by_step.csv", "reports/metrics_by_step.png"]:
+        assert (repo / path).is_file(), path
+    results = json.loads((repo / "results/step_12/results.json").read_text())
+    assert results["checkpoint"]["step"] == 12
+    assert set(results["results"]) == {"heldout_rolling", "heldout_lastword", "heldout_nextsentence", "heldout_complete"}
+    rows = (repo / "reports/metrics_by_step.csv").read_text().splitlines()
+    assert rows[0].startswith("checkpoint,step,") and len(rows) == 3
+
+
+def test_second_repro_is_a_no_op(repo):
+    result = run(["dvc", "repro"], repo)
+    assert "Running stage" not in result.stdout, result.stdout
+    assert "up to date" in result.stdout
+
+
+def test_dvc_metrics_show_lists_the_metrics(repo):
+    out = run(["dvc", "metrics", "show", "--json"], repo).stdout
+    metrics = json.loads(out)
+    files = next(iter(metrics.values()))["data"]
+    assert "metrics/step_12.json" in files
+    assert "acc" in files["metrics/step_12.json"]["data"]["heldout_nextsentence"]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"train": {"stepz": 3}}, "unknown param train.stepz"),
+        ({"train": {"checkpoint_steps": [-5]}}, "train.checkpoint_steps has -5"),
+        ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size must be positive"),
+        ({"evaluate": {"checkpoints": {"mine": "/nonexistent/step_1"}}}, "evaluate.checkpoints.mine: checkpoint directory not found"),
+    ],
+    ids=["unknown-key", "negative-step", "zero-batch", "missing-checkpoint-dir"],
+)
+def test_bad_params_fail_with_one_line_naming_the_param(tmp_path, changes, message):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = ["evaluate", "mine"] if "mine" in str(changes) else ["report"]
+    result = run([sys.executable, "-m", "mlflow_lmeval.cli", "pipeline", *stage], tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
