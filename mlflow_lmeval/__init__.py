@@ -1,8 +1,31 @@
-"""lm-evaluation-harness for JAX recurrent language models, tracked in MLflow."""
+"""lm-evaluation-harness for JAX recurrent language models, tracked in MLflow.
 
-from .config import EvalConfig
-from .errors import UserError
-from .models.checkpoint import Checkpoint, load_checkpoint as load
-from .models.protocol import LanguageModel, from_linen_cache, from_nnx
+Names are imported on first use: MLflow loads this package through its run-context entry
+point, and that must not pay for importing JAX.
+"""
 
-__all__ = ["Checkpoint", "EvalConfig", "LanguageModel", "UserError", "from_linen_cache", "from_nnx", "load"]
+import importlib
+
+_EXPORTS = {
+    "Checkpoint": "mlflow_lmeval.models.checkpoint",
+    "load": ("mlflow_lmeval.models.checkpoint", "load_checkpoint"),
+    "LanguageModel": "mlflow_lmeval.models.protocol",
+    "from_linen_cache": "mlflow_lmeval.models.protocol",
+    "from_nnx": "mlflow_lmeval.models.protocol",
+    "EvalConfig": "mlflow_lmeval.config",
+    "UserError": "mlflow_lmeval.errors",
+    "evaluate": "mlflow_lmeval.evaluation",
+    "LMEvalCallback": "mlflow_lmeval.callback",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'mlflow_lmeval' has no attribute {name!r}")
+    module, attribute = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
