@@ -17,6 +17,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -30,10 +31,23 @@ def _cmd_tokenizer(args) -> None:
     print(f"wrote {args.output} (vocabulary {tokenizer.vocab_size})")
 
 
+def _tracking(args):
+    from .workflows import Tracking
+
+    return Tracking(enabled=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
+
+
+def _add_tracking_flags(parser, what: str) -> None:
+    parser.add_argument("--tracking_uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db)")
+    parser.add_argument("--experiment", help=f"MLflow experiment for the {what}")
+    parser.add_argument("--no_tracking", action="store_true", help="do not log to MLflow")
+
+
 def _cmd_train(args) -> None:
     from .models import mlstm
     from .tokenizer import Tokenizer
-    from .training import TrainSettings, encode_corpus, print_progress, save_steps_every, train
+    from .training import TrainSettings, encode_corpus, print_progress, save_steps_every
+    from .workflows import LiveEvaluation, tracked_training
 
     tokenizer = Tokenizer.load(args.tokenizer)
     config = mlstm.preset_config(args.model_size, tokenizer.vocab_size)
@@ -51,7 +65,16 @@ def _cmd_train(args) -> None:
         f"on {len(tokens):,} tokens",
         flush=True,
     )
-    for path in train(tokens, tokenizer, config, settings, args.output, on_log=print_progress(args.steps)):
+    live = LiveEvaluation()
+    if args.eval_every:
+        if not args.eval_tasks:
+            raise UserError("--eval_every needs --eval_tasks")
+        live = LiveEvaluation(args.eval_every, EvalConfig(
+            evaluation_tasks=args.eval_tasks, include_path=args.include_path, limit_requests=args.eval_limit,
+            bootstrap_iters=args.bootstrap_iters))
+    paths = tracked_training(tokens, tokenizer, config, settings, args.output, tracking=_tracking(args), live=live,
+                             on_log=print_progress(args.steps))
+    for path in paths:
         print(f"wrote {path}")
 
 
@@ -87,11 +110,23 @@ def _cmd_evaluate(args) -> None:
         output_path=args.output_path,
         log_samples=args.log_samples,
     )
-    results = evaluate(args.checkpoint, config)
+    from .workflows import evaluate_and_publish
+
+    results, outcome = evaluate_and_publish(args.checkpoint, config, _tracking(args), training_run_id=args.training_run_id)
     from lm_eval.utils import make_table
 
     print(make_table(results))
     print(f"wrote {args.output_path}/results.json")
+    if outcome is not None:
+        print(f"MLflow run {outcome.run_id} ({'published' if outcome.created else 'already published'})")
+
+
+def _cmd_sync(args) -> None:
+    from .tracking import sync
+
+    outcomes = sync(args.results_dirs, tracking_uri=args.tracking_uri, experiment=args.experiment)
+    created = sum(o.created for o in outcomes)
+    print(f"{created} evaluation(s) published, {len(outcomes) - created} already in MLflow")
 
 
 def _cmd_pipeline(args) -> None:
@@ -129,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch_size", type=_positive_int, default=16)
     tr.add_argument("--sequence_length", type=_positive_int, default=128)
     tr.add_argument("--learning_rate", type=float, default=3e-3)
+    tr.add_argument("--eval_every", type=int, default=0, help="evaluate the live params every K steps into the training run")
+    tr.add_argument("--eval_tasks", help="comma-separated tasks for --eval_every")
+    tr.add_argument("--include_path", help="directory of local task YAML files for --eval_tasks")
+    tr.add_argument("--eval_limit", type=_number, help="examples per task for --eval_every")
+    tr.add_argument("--bootstrap_iters", type=int, default=1000, help="bootstrap iterations for --eval_every stderrs")
+    _add_tracking_flags(tr, "training run")
     tr.set_defaults(func=_cmd_train)
 
     defaults = EvalConfig()
@@ -154,7 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--worker_buffer_size", type=int, default=defaults.worker_buffer_size)
     ev.add_argument("--no_cache_requests", action="store_true", help="rebuild lm-eval's requests every time")
     ev.add_argument("--debug_logits", action="store_true", help="scale logits so a random model gives finite metrics")
+    ev.add_argument("--training_run_id", help="the MLflow training run (default: the checkpoint's metadata)")
+    _add_tracking_flags(ev, "evaluation run (default: the training run's)")
     ev.set_defaults(func=_cmd_evaluate)
+
+    sy = commands.add_parser("sync", help="publish results directories that MLflow does not hold yet")
+    sy.add_argument("results_dirs", nargs="+", help="directories holding results.json (searched recursively)")
+    sy.add_argument("--tracking_uri")
+    sy.add_argument("--experiment")
+    sy.set_defaults(func=_cmd_sync)
 
     pl = commands.add_parser("pipeline", help="run one DVC pipeline stage (dvc.yaml calls these)")
     pl.add_argument("stage", choices=["prepare", "train", "evaluate", "publish", "report"])

@@ -116,22 +116,10 @@ def write_results(output: dict, output_path: str | os.PathLike) -> Path:
     return directory / RESULTS_FILE
 
 
-def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, show_progress: bool = True) -> dict:
-    """Evaluate a checkpoint on lm-eval tasks; returns lm-eval's results dict, JSON-safe.
-
-    With ``config.output_path`` set, ``results.json`` (and samples) are written there.
-    """
-    config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
-    configure_environment()
+def engine_settings(config: EvalConfig):
     from .engine.loop import EngineSettings
-    from .lm import JaxLM
-    from .lm_eval_stats import add_token_perplexity
-    from .models.checkpoint import load_checkpoint
-    from .tokenizer import Tokenizer
 
-    checkpoint = load_checkpoint(checkpoint_dir)
-    tokenizer = Tokenizer.load(config.tokenizer_path) if config.tokenizer_path else checkpoint.tokenizer
-    settings = EngineSettings(
+    return EngineSettings(
         batch_size=config.batch_size,
         chunk_size=config.infinite_eval_chunksize,
         infinite=config.use_infinite_eval,
@@ -140,15 +128,22 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, sh
         worker_buffer_size=config.worker_buffer_size,
         debug=config.debug,
     )
-    lm = JaxLM(checkpoint.model, tokenizer, settings, chat_template=config.apply_chat_template, show_progress=show_progress)
+
+
+def evaluate_model(model, tokenizer, config: EvalConfig, checkpoint: dict | None = None, *, show_progress: bool = True) -> dict:
+    """Evaluate any model that follows the model contract; returns lm-eval's results, JSON-safe.
+
+    ``checkpoint`` ({path, step, fingerprint, mlflow_run_id}) identifies what was evaluated. With
+    ``config.output_path`` set, ``results.json`` (and samples) are written there.
+    """
+    configure_environment()
+    from .lm import JaxLM
+    from .lm_eval_stats import add_token_perplexity
+
+    lm = JaxLM(model, tokenizer, engine_settings(config), chat_template=config.apply_chat_template, show_progress=show_progress)
     output = run_lm_eval(lm, config)
     add_token_perplexity(output, lm.document_scores, config.bootstrap_iters)
-    output["checkpoint"] = {
-        "path": str(checkpoint.path),
-        "step": checkpoint.step,
-        "fingerprint": checkpoint.fingerprint,
-        "mlflow_run_id": checkpoint.mlflow_run_id,
-    }
+    output["checkpoint"] = checkpoint or {}
     output["eval_config"] = config.to_dict()
     output["engine"] = {
         "compilations": lm.engine.compilations,
@@ -158,3 +153,20 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, sh
         write_results(output, config.output_path)
     output.pop("samples", None)
     return json_safe(output)
+
+
+def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, show_progress: bool = True) -> dict:
+    """Evaluate a checkpoint on lm-eval tasks; returns lm-eval's results dict, JSON-safe."""
+    config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
+    from .models.checkpoint import load_checkpoint
+    from .tokenizer import Tokenizer
+
+    checkpoint = load_checkpoint(checkpoint_dir)
+    tokenizer = Tokenizer.load(config.tokenizer_path) if config.tokenizer_path else checkpoint.tokenizer
+    identity = {
+        "path": str(checkpoint.path),
+        "step": checkpoint.step,
+        "fingerprint": checkpoint.fingerprint,
+        "mlflow_run_id": checkpoint.mlflow_run_id,
+    }
+    return evaluate_model(checkpoint.model, tokenizer, config, identity, show_progress=show_progress)

@@ -88,11 +88,13 @@ def train(
     mlflow_run_id: str | None = None,
     on_log: Callable[[int, dict], None] | None = None,
     on_checkpoint: Callable[[int, Path, object], None] | None = None,
+    on_step: Callable[[int, object], None] | None = None,
 ) -> list[Path]:
     """Train from a fresh init and write ``output_dir/step_<N>/`` at ``settings.save_steps``.
 
-    ``on_log(step, {"loss", "tokens_per_s"})`` is called every ``log_every`` steps, and
-    ``on_checkpoint(step, path, params)`` after each checkpoint is written.
+    ``on_log(step, {"loss", "tokens_per_s"})`` is called every ``log_every`` steps,
+    ``on_checkpoint(step, path, params)`` after each checkpoint is written, and
+    ``on_step(step, params)`` after every step (a training callback filters the steps itself).
     """
     settings.validate()
     window = settings.sequence_length + 1
@@ -112,7 +114,7 @@ def train(
     rng = np.random.default_rng(settings.seed)
     offsets = np.arange(window)
     saved, save_steps = [], set(settings.save_steps)
-    interval_start, interval_tokens = time.perf_counter(), 0
+    interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
     for step in range(1, settings.steps + 1):
         starts = rng.integers(0, len(tokens) - window + 1, settings.batch_size)
         params, opt_state, loss = train_step(params, opt_state, tokens[starts[:, None] + offsets])
@@ -122,7 +124,7 @@ def train(
             elapsed = time.perf_counter() - interval_start
             if on_log:
                 on_log(step, {"loss": loss, "tokens_per_s": interval_tokens / elapsed})
-            interval_start, interval_tokens = time.perf_counter(), 0
+            interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
         if step in save_steps:
             path = save_checkpoint(
                 output_dir, step=step, config=config, params=params, tokenizer=tokenizer,
@@ -131,6 +133,10 @@ def train(
             saved.append(path)
             if on_checkpoint:
                 on_checkpoint(step, path, params)
+        if on_step:
+            started = time.perf_counter()
+            on_step(step, params)
+            paused += time.perf_counter() - started  # evaluation time is not training throughput
     return saved
 
 

@@ -1,7 +1,12 @@
 """Shared fixtures: a real-looking corpus from the standard library, a tokenizer, tiny models."""
 
 import os
+import tempfile
 
+# Nothing a test does may land in the repository or the user's caches.
+_SCRATCH = tempfile.mkdtemp(prefix="mlflow_lmeval_tests_")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH}/mlflow.db"
+os.environ["MLFLOW_LMEVAL_CACHE"] = f"{_SCRATCH}/cache"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

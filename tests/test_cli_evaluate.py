@@ -61,3 +61,44 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, local_tasks, empty_target_
     assert code == 2, err
     assert message in last_line and last_line.startswith("error: "), err
     assert "Traceback" not in err
+
+
+def test_unreachable_tracking_server_keeps_results_and_sync_catches_up(checkpoint, local_tasks, tmp_path):
+    import socket
+
+    from mlflow import MlflowClient
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    directory, names = local_tasks
+    out = tmp_path / "out"
+    code, _, err = run_cli("evaluate", "--checkpoint", checkpoint.path, "--tasks", names[1], "--include_path", directory,
+                           "--output_path", out, "--limit", 3, "--tracking_uri", dead)
+    assert code == 3, err
+    assert err.splitlines()[-1].startswith("error: ") and "mlflow-lmeval sync" in err.splitlines()[-1]
+    assert (out / "results.json").is_file()
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, stdout, err = run_cli("sync", out, "--tracking_uri", store)
+    assert code == 0 and "1 evaluation(s) published" in stdout, err
+    code, stdout, err = run_cli("sync", out, "--tracking_uri", store)
+    assert code == 0 and "0 evaluation(s) published, 1 already in MLflow" in stdout, err
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].data.metrics
+
+
+def test_evaluate_publishes_by_default_and_no_tracking_turns_it_off(checkpoint, local_tasks, tmp_path):
+    from mlflow import MlflowClient
+
+    directory, names = local_tasks
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["evaluate", "--checkpoint", checkpoint.path, "--tasks", names[1], "--include_path", directory, "--limit", 3]
+    code, stdout, err = run_cli(*common, "--output_path", tmp_path / "a", "--no_tracking", "--tracking_uri", store)
+    assert code == 0 and "MLflow run" not in stdout, err
+    assert not (tmp_path / "mlflow.db").exists()
+    code, stdout, err = run_cli(*common, "--output_path", tmp_path / "b", "--tracking_uri", store)
+    assert code == 0 and "MLflow run" in stdout, err
+    client = MlflowClient(store)
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 1

@@ -41,6 +41,8 @@ def copy_repo(destination: Path) -> Path:
     for generated in ("dvc.lock", "metrics", "reports/metrics_by_step.csv"):
         shutil.rmtree(destination / generated, ignore_errors=True) if (destination / generated).is_dir() else (destination / generated).unlink(missing_ok=True)
     run(["git", "init", "-q"], destination)
+    # DVC's site cache stays inside the repo; only an absolute path survives `exp run --temp`.
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(destination / ".dvc/tmp/site_cache")], destination)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], destination)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], destination)
     return destination
@@ -73,10 +75,66 @@ def test_repro_writes_every_output(repo):
     assert rows[0].startswith("checkpoint,step,") and len(rows) == 3
 
 
-def test_second_repro_is_a_no_op(repo):
+def mlflow_state(repo: Path, db: str = "mlflow.db"):
+    """(training runs, evaluation runs, logged models) in the repo's MLflow store."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{repo / db}"
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    training = [r for r in runs if r.info.run_name.startswith("train-")]
+    evaluations = [r for r in runs if "lmeval.fingerprint" in r.data.tags]
+    mlflow.set_tracking_uri(uri)
+    models = mlflow.search_logged_models(experiment_ids=experiments, output_format="list")
+    return training, evaluations, models
+
+
+def test_mlflow_holds_the_training_run_linked_evaluations_and_models(repo):
+    training, evaluations, models = mlflow_state(repo)
+    assert len(training) == 1 and len(evaluations) == 2 and len(models) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in evaluations} == {training[0].info.run_id}
+    assert {r.info.status for r in training + evaluations} == {"FINISHED"}
+    assert "loss" in training[0].data.metrics
+    results = json.loads((repo / "results/step_12/results.json").read_text())
+    assert results["checkpoint"]["mlflow_run_id"] == training[0].info.run_id
+
+
+def test_second_repro_only_republishes_and_creates_nothing(repo):
+    before = [len(x) for x in mlflow_state(repo)]
     result = run(["dvc", "repro"], repo)
-    assert "Running stage" not in result.stdout, result.stdout
-    assert "up to date" in result.stdout
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'publish':"], result.stdout
+    assert "0 evaluation(s) published, 2 already in MLflow" in result.stdout
+    assert [len(x) for x in mlflow_state(repo)] == before
+
+
+def test_exp_run_temp_reruns_only_evaluation_into_the_same_training_run(repo):
+    training, evaluations, _ = mlflow_state(repo)
+    result = run(["dvc", "exp", "run", "--temp", "-S", "evaluate.num_fewshot=1"], repo)
+    ran = {line for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"Running stage 'evaluate@step_6':", "Running stage 'evaluate@step_12':",
+                   "Running stage 'publish':", "Running stage 'report':"}, result.stdout
+    training_after, evaluations_after, _ = mlflow_state(repo)  # the main repo's store, not the temp copy's
+    assert [r.info.run_id for r in training_after] == [r.info.run_id for r in training]
+    new = [r for r in evaluations_after if r.info.run_id not in {e.info.run_id for e in evaluations}]
+    assert len(new) == 2 and {r.data.tags["mlflow.parentRunId"] for r in new} == {training[0].info.run_id}
+    shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout))
+    assert '"num_fewshot": 1' in shown and '"num_fewshot": 0' in shown  # baseline and experiment
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json", "HEAD"], repo).stdout)
+    assert "metrics/step_12.json" in diff
+
+
+def test_run_cache_restore_still_publishes(repo):
+    """DVC restores evaluate outputs from its run-cache without running them; publish catches up."""
+    shutil.rmtree(repo / "results")
+    set_params(repo, {"tracking": {"tracking_uri": f"sqlite:///{repo / 'fresh.db'}"}})
+    result = run(["dvc", "repro"], repo)
+    assert "Running stage 'evaluate@step_6'" not in result.stdout, result.stdout
+    assert (repo / "results/step_6/results.json").is_file()
+    _, evaluations, models = mlflow_state(repo, "fresh.db")
+    assert len(evaluations) == 2 and len(models) == 2
 
 
 def test_dvc_metrics_show_lists_the_metrics(repo):

@@ -50,3 +50,26 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, corpus_path, tokenizer, make
     code, err = run_cli(*make_args(tmp_path, corpus_path, tok))
     assert code == 2, err
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_train_cli_logs_a_run_with_live_evaluations(tmp_path, corpus_path, tokenizer, local_tasks):
+    from mlflow import MlflowClient
+
+    directory, names = local_tasks
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(tokenizer.model_bytes)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, err = run_cli("train", "--corpus", str(corpus_path), "--tokenizer", str(tok), "--output", str(tmp_path / "ck"),
+                        "--steps", "4", "--save_every", "4", "--batch_size", "2", "--sequence_length", "16",
+                        "--eval_every", "2", "--eval_tasks", names[1], "--include_path", str(directory), "--eval_limit", "3",
+                        "--tracking_uri", store)
+    assert code == 0, err
+    client = MlflowClient(store)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.params["steps"] == "4"
+    history = client.get_metric_history(run.info.run_id, f"lmeval/{names[1]}/acc")
+    assert sorted(m.step for m in history) == [2, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4]
+    import json
+
+    assert json.loads((tmp_path / "ck/step_4/metadata.json").read_text())["mlflow_run_id"] == run.info.run_id

@@ -76,11 +76,20 @@ def prepare(params) -> None:
           f"tokenizer of {tokenizer.vocab_size} pieces, tasks {', '.join(names)}")
 
 
+def tracking(params):
+    from ..workflows import Tracking
+
+    t = params["tracking"]
+    return Tracking(enabled=t.enabled, tracking_uri=t.tracking_uri or None, experiment=t.experiment)
+
+
 # ---- train --------------------------------------------------------------------------------------
 def train(params) -> None:
+    from ..config import EvalConfig
     from ..models import mlstm
     from ..tokenizer import Tokenizer
-    from ..training import TrainSettings, encode_corpus, print_progress, train as run_training
+    from ..training import TrainSettings, encode_corpus, print_progress
+    from ..workflows import LiveEvaluation, tracked_training
 
     t = params["train"]
     tokenizer = Tokenizer.load(PREPARED / "tokenizer.model")
@@ -91,7 +100,13 @@ def train(params) -> None:
     ).validate()
     tokens = encode_corpus(PREPARED / "train.txt", tokenizer)
     print(f"training {t.model_size} mLSTM ({mlstm.count_params(mlstm.init_params(config)):,} params) on {len(tokens):,} tokens", flush=True)
-    for path in run_training(tokens, tokenizer, config, settings, CHECKPOINTS, on_log=print_progress(t.steps)):
+    live = LiveEvaluation()
+    if t.eval_every:
+        include = params["evaluate"].include_path
+        live = LiveEvaluation(t.eval_every, EvalConfig(evaluation_tasks=t.eval_tasks, include_path=include,
+                                                        limit_requests=t.eval_limit, bootstrap_iters=1000))
+    for path in tracked_training(tokens, tokenizer, config, settings, CHECKPOINTS, tracking=tracking(params), live=live,
+                                 on_log=print_progress(t.steps)):
         print(f"wrote {path}")
 
 
@@ -110,7 +125,7 @@ def flat_metrics(results: dict) -> dict:
 
 
 def evaluate(params, name: str) -> None:
-    from ..evaluation import evaluate as run_evaluation
+    from ..workflows import evaluate_and_publish
 
     e = params["evaluate"]
     if name not in e.checkpoints:
@@ -119,9 +134,24 @@ def evaluate(params, name: str) -> None:
     if not checkpoint.is_dir():
         raise UserError(f"params.yaml: evaluate.checkpoints.{name}: checkpoint directory not found: {checkpoint}")
     output = RESULTS / name
-    results = run_evaluation(checkpoint, e.eval_config(str(output)))
+    # Publishing is best effort here: the always-run publish stage catches up, even after a
+    # run-cache restore that skips this command entirely.
+    results, _ = evaluate_and_publish(checkpoint, e.eval_config(str(output)), tracking(params), strict=False)
     METRICS.mkdir(exist_ok=True)
     (METRICS / f"{name}.json").write_text(json.dumps(flat_metrics(results), indent=2) + "\n")
+
+
+# ---- publish ----------------------------------------------------------------------------------------
+def publish(params) -> None:
+    from ..tracking import sync
+
+    if not params["tracking"].enabled:
+        print("tracking is disabled (tracking.enabled: false); nothing to publish")
+        return
+    t = tracking(params)
+    outcomes = sync([RESULTS], tracking_uri=t.tracking_uri, experiment=t.experiment)
+    created = sum(o.created for o in outcomes)
+    print(f"{created} evaluation(s) published, {len(outcomes) - created} already in MLflow")
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -148,6 +178,30 @@ def report(params) -> None:
         writer.writerows(rows)
     _plot(rows, columns, REPORTS / "metrics_by_step.png")
     print(f"wrote {REPORTS / 'metrics_by_step.csv'} and {REPORTS / 'metrics_by_step.png'} ({len(rows)} checkpoints)")
+    if params["tracking"].enabled:
+        _log_report_to_training_runs(params)
+
+
+def _log_report_to_training_runs(params) -> None:
+    """Attach the chart to each training run that produced an evaluated checkpoint."""
+    import warnings
+
+    from ..tracking import http_limits, resolve_tracking_uri
+
+    run_ids = {json.loads(p.read_text())["checkpoint"].get("mlflow_run_id") for p in RESULTS.glob("*/results.json")} - {None}
+    if not run_ids:
+        return
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking(params).tracking_uri)
+    try:
+        with http_limits():
+            client = MlflowClient(uri)
+            for run_id in sorted(run_ids):
+                client.log_artifact(run_id, str(REPORTS / "metrics_by_step.png"), "report")
+                client.log_artifact(run_id, str(REPORTS / "metrics_by_step.csv"), "report")
+    except Exception as error:  # noqa: BLE001 - the report on disk is the deliverable; MLflow is a copy
+        warnings.warn(f"could not attach the report to the training run in {uri}: {str(error).splitlines()[0]}")
 
 
 def main_metrics(columns: list[str]) -> list[str]:
