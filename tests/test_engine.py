@@ -169,3 +169,26 @@ def test_stateless_generate_equals_naive(stateless):
             window = np.asarray(sequence[-32:])[None]
             sequence.append(int(np.asarray(stateless.apply(stateless.params, window, None, np.ones(window.shape, bool))[0])[0, -1].argmax()))
         assert tokens == sequence[len(context) :]
+
+
+def test_shared_contexts_run_once_and_give_the_same_results(checkpoint, long_documents):
+    """Several continuations of one context (multiple choice, few-shot) branch one context state."""
+    tok = checkpoint.tokenizer
+    words = long_documents[1].split()
+    requests = []
+    for start in range(0, 400, 50):
+        context = tok.encode(" ".join(words[start : start + 40]))
+        for choice in range(4):
+            requests.append((context, tok.encode(" " + " ".join(words[start + 40 + 7 * choice : start + 43 + 7 * choice]))))
+    requests.append(([tok.bos_id], tok.encode(long_documents[2][:2000])))  # an unshared one among them
+    results = {}
+    for share in (False, True):
+        engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=16, share_prefixes=share, prefix_block=3))
+        results[share] = (engine.score(requests), engine.model_tokens)
+    (plain, plain_tokens), (shared, shared_tokens) = results[False], results[True]
+    np.testing.assert_allclose(shared.loglik, plain.loglik, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(shared.greedy, plain.greedy)
+    np.testing.assert_array_equal(shared.num_tokens, plain.num_tokens)
+    assert plain_tokens / shared_tokens > 1.5
+    for (context, continuation), loglik in list(zip(requests, shared.loglik))[:8]:
+        assert loglik == pytest.approx(naive_loglikelihood(checkpoint, context, continuation)[0], rel=1e-5, abs=1e-4)

@@ -42,7 +42,7 @@ class MaterializeBatch:
     """BatchPlan -> dict of numpy arrays with ``batch_size`` rows (padding rows have document 0).
 
     inputs, targets: int32 [B, L]; valid: real positions; scored: positions whose target counts;
-    last: index of each row's last real position; document_idx, sequence_idx: int32 [B].
+    last: index of each row's last real position; document_idx, sequence_idx, state_idx: int32 [B].
     A plain class, so grain can pickle it into worker processes.
     """
 
@@ -60,6 +60,7 @@ class MaterializeBatch:
             "last": np.zeros((rows,), np.int32),
             "document_idx": np.zeros((rows,), np.int32),
             "sequence_idx": np.zeros((rows,), np.int32),
+            "state_idx": np.zeros((rows,), np.int32),
         }
         for row, index in enumerate(plan.piece_indices):
             piece = self.pieces[index]
@@ -71,6 +72,7 @@ class MaterializeBatch:
             batch["last"][row] = n - 1
             batch["document_idx"][row] = piece.document_idx
             batch["sequence_idx"][row] = piece.sequence_idx
+            batch["state_idx"][row] = piece.state_idx
         return batch
 
 

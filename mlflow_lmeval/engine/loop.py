@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..models.protocol import LanguageModel
 from .batching import BatchPlan, MaterializeBatch, batch_stream, plan_batches, power_of_two_bucket, round_up
 from .fuse import DocumentResults, PieceResults, fuse_document_results
-from .requests import Piece, make_pieces
+from .requests import Piece, make_pieces, share_contexts
 
 # lm-eval's "debug" mode: a random model's logits shrunk so every log-probability is finite.
 DEBUG_LOGIT_SCALE = 1e-3
@@ -37,6 +37,8 @@ class EngineSettings:
     worker_buffer_size: int = 1
     debug: bool = False
     generation_block: int = 16  # tokens decoded per host check of the stop conditions
+    share_prefixes: bool = True  # recurrent mode: run a context shared by several requests once
+    prefix_block: int = 256  # shared contexts whose states are held at once (bounds memory)
 
 
 class NonFiniteLogits(UserError):
@@ -76,6 +78,7 @@ class Engine:
         self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
         self.params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
         self.compilations = 0
+        self.model_tokens = 0  # real (unpadded) tokens the model has processed
         self._step = jax.jit(self._step_body, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_body, static_argnums=(3,))
 
@@ -118,12 +121,20 @@ class Engine:
             return round_up(length, self.settings.chunk_size)
         return power_of_two_bucket(length, maximum=self.max_length)
 
-    def _run_batch(self, batch: dict[str, np.ndarray]):
-        """Dispatch every chunk of one batch; returns device arrays (state, totals) without waiting."""
+    def _run_batch(self, batch: dict[str, np.ndarray], states=None):
+        """Dispatch every chunk of one batch; returns device arrays (state, totals) without waiting.
+
+        Each row starts from ``states[batch["state_idx"][row]]`` when a state table is given
+        (row 0 of the table is the fresh state), else from a fresh state.
+        """
         rows, length = batch["inputs"].shape
-        state = self.model.init_state(rows) if self.model.recurrent else None
-        if state is not None:
-            state = jax.device_put(state, self._rows)
+        self.model_tokens += int(batch["valid"].sum())
+        if states is not None:
+            state = jax.device_put(jax.tree.map(lambda table: table[batch["state_idx"]], states), self._rows)
+        elif self.model.recurrent:
+            state = jax.device_put(self.model.init_state(rows), self._rows)
+        else:
+            state = None
         totals = jax.device_put(_zeros_totals(rows), self._rows)
         last = jax.device_put(batch["last"], self._rows)
         chunk = self.settings.chunk_size if self.model.recurrent else length
@@ -132,12 +143,14 @@ class Engine:
             state, totals = self._step(self.params, state, totals, np.int32(start), *part, last)
         return state, totals
 
-    def _run(self, pieces: list[Piece], on_batch: Callable[[dict, dict], None]) -> None:
-        """Run all pieces; ``on_batch(batch, host_totals)`` gets each batch's results on the host.
+    def _run(self, pieces: list[Piece], on_batch: Callable[[dict, dict, object], None], states=None) -> None:
+        """Run all pieces; ``on_batch(batch, host_totals, device_state)`` gets each batch's results.
 
         The next batch is dispatched before the previous one's totals are read, so the device
         never waits for the host between batches.
         """
+        if not pieces:
+            return
         plans = plan_batches(np.array([p.length for p in pieces]), self.batch_size, self._bucket)
         stream = batch_stream(
             pieces, plans, self.batch_size,
@@ -145,39 +158,70 @@ class Engine:
         )
         done, total = 0, sum(p.length for p in pieces)
 
-        def finish(batch, totals):
+        def finish(batch, totals, state):
             nonlocal done
-            on_batch(batch, jax.device_get(totals))
+            on_batch(batch, jax.device_get(totals), state)
             done += int(batch["valid"].sum())
             if self.progress:
                 self.progress(done, total)
 
         pending = None
         for batch in stream:
-            _, totals = self._run_batch(batch)
+            state, totals = self._run_batch(batch, states)
             if pending is not None:
                 finish(*pending)
-            pending = (batch, totals)
+            pending = (batch, totals, state)
         if pending is not None:
             finish(*pending)
 
-    def score_pieces(self, pieces: list[Piece]) -> PieceResults:
+    def score_pieces(self, pieces: list[Piece], states=None) -> PieceResults:
         parts = []
 
-        def collect(batch, totals):
+        def collect(batch, totals, _state):
             bad = totals["nonfinite"] & (batch["document_idx"] > 0)
             if bad.any():
                 raise NonFiniteLogits(int(batch["document_idx"][np.argmax(bad)]))
             parts.append(PieceResults(batch["document_idx"], batch["sequence_idx"], totals["loglik"], totals["num_tokens"], totals["greedy"]))
 
-        self._run(pieces, collect)
+        self._run(pieces, collect, states)
         return PieceResults.concatenate(parts)
+
+    def prefix_states(self, prefixes: list[np.ndarray]):
+        """The state after each prefix, as a table whose row 0 is the fresh state and row k the
+        state after ``prefixes[k - 1]`` (a masked tail leaves each row's state as it ended)."""
+        pieces = [Piece(k, 0, prefix, np.zeros_like(prefix), 0) for k, prefix in enumerate(prefixes, start=1)]
+        rows, order = [], []
+
+        def keep(batch, _totals, state):
+            real = batch["document_idx"] > 0
+            rows.append(jax.tree.map(lambda leaf: leaf[np.flatnonzero(real)], state))
+            order.extend(batch["document_idx"][real])
+
+        self._run(pieces, keep)
+        fresh = self.model.init_state(1)
+        table = jax.tree.map(lambda first, *parts: jnp.concatenate([first, *parts]), fresh, *rows)
+        placement = np.zeros(len(prefixes) + 1, np.int64)
+        placement[np.asarray(order)] = np.arange(1, len(order) + 1)
+        return jax.tree.map(lambda leaf: leaf[placement], table)
 
     def score(self, requests: list[tuple[list[int], list[int]]]) -> DocumentResults:
         """(context, continuation) token lists -> per-request log-likelihood, token count, greedy."""
-        pieces = make_pieces(requests, self.max_length)
-        counts = np.bincount([p.document_idx - 1 for p in pieces], minlength=len(requests))
-        return fuse_document_results(self.score_pieces(pieces), counts)
+        if not (self.recurrent and self.settings.share_prefixes):
+            pieces = make_pieces(requests, self.max_length)
+            counts = np.bincount([p.document_idx - 1 for p in pieces], minlength=len(requests))
+            return fuse_document_results(self.score_pieces(pieces), counts)
+        prefixes, pieces = share_contexts(requests)
+        parts = [self.score_pieces([p for p in pieces if p.state_idx == 0])]
+        block = self.settings.prefix_block
+        for first in range(0, len(prefixes), block):
+            # Holding every prefix state at once could exhaust memory; a block at a time is bounded.
+            states = self.prefix_states(prefixes[first : first + block])
+            members = [
+                dataclasses.replace(p, state_idx=p.state_idx - first)
+                for p in pieces if first < p.state_idx <= first + block
+            ]
+            parts.append(self.score_pieces(members, states))
+        return fuse_document_results(PieceResults.concatenate(parts), np.ones(len(requests), np.int64))
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, contexts: list[list[int]], max_new_tokens: int, finished: Callable[[list[int]], bool]) -> list[list[int]]:

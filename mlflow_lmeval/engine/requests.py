@@ -19,7 +19,8 @@ class Piece:
     """Inputs and next-token targets of one row; the last ``num_scored`` targets are scored.
 
     ``document_idx`` is 1-based (0 marks a padding row); ``sequence_idx`` orders the pieces of
-    one document.
+    one document. ``state_idx`` names the recurrent state the row starts from: 0 is a fresh
+    state, k > 0 the state after the k-th shared context prefix.
     """
 
     document_idx: int
@@ -27,6 +28,7 @@ class Piece:
     inputs: np.ndarray  # int32 [L]
     targets: np.ndarray  # int32 [L]
     num_scored: int
+    state_idx: int = 0
 
     @property
     def length(self) -> int:
@@ -48,6 +50,33 @@ def window_pieces(document_idx: int, context: list[int], continuation: list[int]
             Piece(document_idx, index, sequence[first_input : end - 1], sequence[first_input + 1 : end], end - start)
         )
     return pieces
+
+
+def share_contexts(requests: list[tuple[list[int], list[int]]]) -> tuple[list[np.ndarray], list[Piece]]:
+    """Recurrent mode with shared contexts: each context used by several requests runs once.
+
+    Returns the prefixes to run (every shared context but its last token; prefix k is the k-th,
+    1-based) and one piece per request. A request with a shared context starts from its prefix's
+    state and feeds the context's last token, so its first target is predicted as in a whole run.
+    """
+    users: dict[tuple, int] = {}
+    for context, _ in requests:
+        users[tuple(context)] = users.get(tuple(context), 0) + 1
+    prefix_of = {}
+    prefixes = []
+    for context, count in users.items():
+        if count > 1 and len(context) > 1:
+            prefixes.append(np.asarray(context[:-1], np.int32))
+            prefix_of[context] = len(prefixes)
+    pieces = []
+    for document_idx, (context, continuation) in enumerate(requests, start=1):
+        prefix = prefix_of.get(tuple(context))
+        if prefix is None:
+            pieces.append(whole_piece(document_idx, context, continuation))
+        else:
+            inputs = np.asarray(context[-1:] + continuation[:-1], np.int32)
+            pieces.append(Piece(document_idx, 0, inputs, np.asarray(continuation, np.int32), len(continuation), prefix))
+    return prefixes, pieces
 
 
 def make_pieces(
