@@ -86,9 +86,6 @@ def _number(text: str) -> int | float:
 
 
 def _cmd_evaluate(args) -> None:
-    from .config import EvalConfig
-    from .evaluation import evaluate
-
     config = EvalConfig(
         evaluation_tasks=args.tasks,
         tokenizer_path=args.tokenizer,

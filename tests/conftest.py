@@ -1,6 +1,8 @@
 """Shared fixtures: a real-looking corpus from the standard library, a tokenizer, tiny models."""
 
 import os
+import shutil
+import socket
 import tempfile
 
 # Nothing a test does may land in the repository or the user's caches.
@@ -117,3 +119,39 @@ def naive_greedy_decode(checkpoint, context, steps):
     for _ in range(steps):
         sequence.append(int(checkpoint.logits(np.asarray(sequence, np.int32)[None])[0, -1].argmax()))
     return sequence[len(context) :]
+
+
+# ---- MLflow --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory):
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the schema once
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, template_db):
+    """``sqlite:///<tmp>/mlflow.db``, cwd in tmp, no tracking/DVC environment leaking in or out."""
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    yield f"sqlite:///{tmp_path}/mlflow.db"
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def dead_uri():
+    """An http tracking URI on a loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import time
 import warnings
 
 import jax
 import jax.numpy as jnp
-import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -18,35 +15,6 @@ from mlflow import MlflowClient
 from mlflow_lmeval import tracking
 from mlflow_lmeval.callback import LMEvalCallback, flush_spool, pending_spool_entries
 from mlflow_lmeval.tracking import TrackingWarning, TrainingRun
-
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the schema once
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, template_db):
-    """A real SQLite store in tmp; no tracking environment leaking in or out."""
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    yield f"sqlite:///{tmp_path}/mlflow.db"
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
-@pytest.fixture
-def dead_uri():
-    """An http tracking URI on a loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def fake_lm_eval(params):

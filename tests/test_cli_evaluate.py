@@ -63,14 +63,10 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, local_tasks, empty_target_
     assert "Traceback" not in err
 
 
-def test_unreachable_tracking_server_keeps_results_and_sync_catches_up(checkpoint, local_tasks, tmp_path):
-    import socket
-
+def test_unreachable_tracking_server_keeps_results_and_sync_catches_up(checkpoint, local_tasks, tmp_path, dead_uri):
     from mlflow import MlflowClient
 
-    with socket.socket() as probe:  # a loopback port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    dead = dead_uri
     directory, names = local_tasks
     out = tmp_path / "out"
     code, _, err = run_cli("evaluate", "--checkpoint", checkpoint.path, "--tasks", names[1], "--include_path", directory,

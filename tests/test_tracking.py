@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -130,24 +129,6 @@ def make_checkpoint(root: Path, step: int, run_id: str | None) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the schema
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, template_db):
-    """``sqlite:///<tmp>/mlflow.db``, cwd in tmp, no tracking/DVC environment leaking in or out."""
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    yield f"sqlite:///{tmp_path}/mlflow.db"
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
 
 
 def all_runs(client, experiment="mlflow_lmeval"):

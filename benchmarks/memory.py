@@ -1,0 +1,127 @@
+"""B3 flat memory: one short and one very long document, each scored in its own process.
+
+Each child builds the tiny reference model (random weights), compiles the engine's step with a
+short warm-up document, then scores one ``loglikelihood_rolling``-shaped request (prefix token +
+document) of N real WikiText-2 tokens (the article tokens repeated to length) at chunk size 256,
+batch size 1, through ``Engine.score``. It reports ``ru_maxrss`` (peak resident memory of the
+whole process, inputs included) and tokens/s.
+
+    python -m benchmarks.memory --child --tokens N --tokens-file F   # one measurement, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+CHUNK_SIZE = 256
+
+
+def _rss_now_kb() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def child(num_tokens: int, tokens_file: str, preset: str) -> dict:
+    from mlflow_lmeval.engine.loop import Engine
+
+    base = np.load(tokens_file)
+    document = np.resize(base, num_tokens).tolist()
+    model, _ = common.reference_model(preset)
+    settings, applied = common.engine_settings(batch_size=1, chunk_size=CHUNK_SIZE)
+    engine = Engine(model, settings)
+    engine.score([([1], document[:300])])  # compile the step (same shapes as the real run)
+    rss_before = _rss_now_kb()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    result = engine.score([([1], document)])
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "tokens": num_tokens,
+        "scored_tokens": int(result.num_tokens[0]),
+        "loglik": float(result.loglik[0]),
+        "seconds": seconds,
+        "tokens_per_s": num_tokens / seconds,
+        "rss_before_score_kb": rss_before,
+        "peak_rss_before_score_kb": peak_before,
+        "peak_rss_kb": peak,
+        "compilations": engine.compilations,
+        "engine_settings": applied,
+    }
+
+
+def _run_child(num_tokens: int, tokens_file: Path, preset: str) -> dict:
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", "--tokens", str(num_tokens),
+               "--tokens-file", str(tokens_file), "--preset", preset]
+    env = dict(os.environ, PYTHONPATH=str(common.REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=common.REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child for {num_tokens} tokens failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def run(tokenizer, directory: Path, quick: bool, long_tokens: int = 1_000_000, preset: str = "tiny") -> dict:
+    text = "".join(page for _, page in common.wikitext_articles())
+    tokens_file = directory / "wikitext_tokens.npy"
+    np.save(tokens_file, np.asarray(tokenizer.encode(text), np.int32))
+    common.log("B3: 1,000-token document")
+    short = _run_child(1_000, tokens_file, preset)
+    common.log(f"B3: {long_tokens:,}-token document")
+    long = _run_child(long_tokens, tokens_file, preset)
+    return {
+        "preset": preset,
+        "chunk_size": CHUNK_SIZE,
+        "batch_size": 1,
+        "short_tokens": short["tokens"],
+        "long_tokens": long["tokens"],
+        "long_tokens_note": None if long_tokens >= 1_000_000 else f"{long_tokens:,} tokens instead of 1,000,000 to save time",
+        "peak_rss_short_mb": short["peak_rss_kb"] / 1024,
+        "peak_rss_long_mb": long["peak_rss_kb"] / 1024,
+        "peak_rss_ratio": long["peak_rss_kb"] / short["peak_rss_kb"],
+        "rss_growth_during_score_mb": {
+            "short": (short["peak_rss_kb"] - short["rss_before_score_kb"]) / 1024 if short["rss_before_score_kb"] else None,
+            "long": (long["peak_rss_kb"] - long["rss_before_score_kb"]) / 1024 if long["rss_before_score_kb"] else None,
+        },
+        "tokens_per_s_short": short["tokens_per_s"],
+        "tokens_per_s_long": long["tokens_per_s"],
+        "children": {"short": short, "long": long},
+        "targets": {"peak_rss_ratio": "<= 1.2"},
+        "definitions": {
+            "peak_rss_ratio": "ru_maxrss of the long-document child / of the short-document child (whole process, "
+            "the document's token list included)",
+            "rss_growth_during_score_mb": "peak RSS minus RSS just before Engine.score (after warm-up)",
+        },
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--tokens-file", required=True)
+    parser.add_argument("--preset", default="tiny")
+    args = parser.parse_args(argv)
+    print(json.dumps(child(args.tokens, args.tokens_file, args.preset)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""B1 throughput and the overlap figure.
+
+Scored tokens/s of a whole evaluation through lm-eval (requests built from task YAML, results and
+metrics out) on three local tasks made from real text:
+
+- ``wiki``: WikiText-2 validation articles, ``loglikelihood_rolling`` (the shape of ``wikitext``);
+- ``lastword``: the last word of Tiny Shakespeare speeches, ``loglikelihood`` (lambada's shape);
+- ``choice``: which line comes next, 4 choices, ``multiple_choice``, 0-shot.
+
+Three ways to do the same work, interleaved repeat by repeat after a warm-up:
+
+- ``engine``: ``JaxLM`` with the package's ``Engine`` (the product);
+- ``naive``: the same ``JaxLM`` whose engine is ``benchmarks.naive.NaiveEngine`` (one request at a
+  time, batch 1, a full pass each, padded to a multiple of 64, compiled ahead, compile time excluded);
+- ``bound``: the jitted model forward over perfectly packed full ``[batch_size, chunk_size]``
+  batches, the state carried chunk to chunk, of as many tokens as the engine's model processed;
+  no tokenization, no lm-eval. ``bound_scoring`` adds the log-softmax and target gather.
+
+Overlap: ``mlflow_lmeval.engine.loop.batch_stream`` is wrapped from outside; the time the host
+spends blocked waiting for the next batch is an upper bound on the time the device sits idle for
+want of input (the previous batch may still be running while the host waits).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import common
+from .naive import NaiveEngine
+
+SIZES = {
+    # preset: (wiki articles, shortest first; lastword docs; choice docs)
+    "quick": {"tiny": (12, 400, 100), "small": (8, 100, 25)},
+    "full": {"tiny": (60, 2000, 500), "small": (24, 400, 100)},
+}
+REPEATS = {"quick": 3, "full": 5}
+# The packed bound runs at a steady rate per chunk, so it is timed on at most this many chunks and
+# expressed as a rate (tokens/s); the batch-1 rate shows what batching can gain on this hardware.
+BOUND_CHUNKS = {"quick": 48, "full": 160}
+
+
+class StreamTimer:
+    """Times how long the engine's host loop waits for each batch from the grain pipeline."""
+
+    def __init__(self, original):
+        self.original = original
+        self.reset()
+
+    def reset(self):
+        self.blocked = 0.0
+        self.batches = 0
+        self.streams = 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        iterator = self.original(*args, **kwargs)
+        self.blocked += time.perf_counter() - start
+        self.streams += 1
+        return self._timed(iterator)
+
+    def _timed(self, iterator):
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.blocked += time.perf_counter() - start
+                return
+            self.blocked += time.perf_counter() - start
+            self.batches += 1
+            yield batch
+
+
+def packed_bound(model, batch_size: int, chunk_size: int, tokens: np.ndarray, scoring: bool):
+    """A function that runs ``len(tokens)`` tokens as full ``[batch_size, chunk_size]`` chunks
+    (the state carried) and returns the wall seconds; compiled on first use."""
+    rows = batch_size * chunk_size
+    steps = max(1, -(-len(tokens) // rows))
+    packed = np.resize(np.asarray(tokens, np.int32), steps * rows + 1)
+    inputs = packed[:-1].reshape(steps, batch_size, chunk_size)
+    targets = packed[1:].reshape(steps, batch_size, chunk_size)
+    mask = np.ones((batch_size, chunk_size), bool)
+
+    def step(params, state, total, inputs, targets):
+        logits, state = model.apply(params, inputs, state, mask)
+        logits = logits.astype(jnp.float32)
+        if scoring:
+            log_probs = jax.nn.log_softmax(logits, axis=-1)
+            picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+            return state, total + picked.sum(-1)
+        # Every logit must be computed: reduce over the vocabulary, keep one number per row.
+        return state, total + logits.max(-1).sum(-1)
+
+    jitted = jax.jit(step, donate_argnums=(1, 2))
+
+    def run() -> float:
+        start = time.perf_counter()
+        state = model.init_state(batch_size)
+        total = jnp.zeros((batch_size,), jnp.float32)
+        for index in range(steps):
+            state, total = jitted(model.params, state, total, inputs[index], targets[index])
+        jax.block_until_ready((state, total))
+        return time.perf_counter() - start
+
+    run.steps = steps
+    run.tokens = steps * rows
+    return run
+
+
+def _write_tasks(directory: Path, preset: str, sizes) -> list[str]:
+    wiki_docs, lastword_docs, choice_docs = sizes
+    articles = sorted(common.wikitext_articles(), key=lambda a: len(a[1]))[:wiki_docs]
+    return [
+        common.write_rolling_task(directory, f"b1_{preset}_wiki", articles),
+        common.write_lastword_task(directory, f"b1_{preset}_lastword", common.lastword_docs()[:lastword_docs]),
+        common.write_choice_task(directory, f"b1_{preset}_choice", common.choice_docs(seed=1)[:choice_docs]),
+    ]
+
+
+def _label_calls(lm, recorder):
+    """Tag each engine call with the lm-eval request type that made it."""
+    for kind in ("loglikelihood", "loglikelihood_rolling"):
+        original = getattr(lm, kind)
+
+        def tagged(requests, *args, _original=original, _kind=kind, **kwargs):
+            recorder.kind = _kind
+            return _original(requests, *args, **kwargs)
+
+        setattr(lm, kind, tagged)
+    recorder.kind = None
+    score = recorder.__call__
+
+    def call(requests):
+        result = score(requests)
+        recorder.calls[-1]["kind"] = recorder.kind
+        return result
+
+    recorder.engine.score = call
+
+
+def _per_kind(recorder) -> dict:
+    kinds = {}
+    for call in recorder.calls:
+        entry = kinds.setdefault(call.get("kind") or "unknown", {"seconds": 0.0, "scored_tokens": 0, "requests": 0})
+        entry["seconds"] += call["seconds"]
+        entry["scored_tokens"] += int(np.sum(call["results"].num_tokens))
+        entry["requests"] += len(call["requests"])
+    return kinds
+
+
+def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_values: dict) -> dict:
+    from mlflow_lmeval.engine import loop
+
+    mode = "quick" if quick else "full"
+    repeats = REPEATS[mode]
+    tasks = _write_tasks(directory, preset, SIZES[mode][preset])
+    config = common.eval_config(tasks, directory)
+    model, num_params = common.reference_model(preset)
+    settings, applied = common.engine_settings(**settings_values)
+
+    engine_lm = common.make_lm(model, tokenizer, settings)
+    engine_rec = common.ScoreRecorder(engine_lm.engine)
+    _label_calls(engine_lm, engine_rec)
+    naive_lm = common.make_lm(model, tokenizer, settings)
+    naive = NaiveEngine(model)
+    naive_lm.engine = naive
+    naive_rec = common.ScoreRecorder(naive)
+    _label_calls(naive_lm, naive_rec)
+    timer = StreamTimer(loop.batch_stream)
+
+    def engine_run():
+        engine_rec.reset()
+        timer.reset()
+        before = common.model_tokens(engine_lm.engine)
+        with common.patched(loop, "batch_stream", timer):
+            start = time.perf_counter()
+            output = common.evaluate_lm(engine_lm, config)
+            seconds = time.perf_counter() - start
+        after = common.model_tokens(engine_lm.engine)
+        return seconds, output, (after - before) if before is not None else None
+
+    def naive_run():
+        naive_rec.reset()
+        compile_before = naive.compile_seconds
+        start = time.perf_counter()
+        output = common.evaluate_lm(naive_lm, config)
+        seconds = time.perf_counter() - start
+        return seconds - (naive.compile_seconds - compile_before), output
+
+    common.log(f"B1 {preset}: cold runs (compilation included)")
+    engine_cold, engine_output, engine_model_tokens = engine_run()
+    requests = engine_rec.requests
+    scored = engine_rec.scored_tokens()
+    req_tokens = common.request_tokens(requests)
+    sharing = bool(applied.get("share_prefixes", False)) and common.has_share_prefixes()
+    expected_model_tokens = common.shared_model_tokens(requests) if sharing else req_tokens
+    bound_tokens = engine_model_tokens if engine_model_tokens is not None else expected_model_tokens
+    naive_start = time.perf_counter()
+    naive_cold_excl, naive_output = naive_run()
+    naive_cold = time.perf_counter() - naive_start
+    naive_max_diff = float(np.max(np.abs(engine_rec.loglik() - naive_rec.loglik()))) if requests else None
+    naive_max_rel = float(np.max(np.abs(engine_rec.loglik() - naive_rec.loglik()) / np.maximum(1.0, np.abs(naive_rec.loglik())))) if requests else None
+    greedy_equal = bool(np.array_equal(engine_rec.greedy(), naive_rec.greedy()))
+
+    stream = np.concatenate([np.asarray(c + x, np.int32) for c, x in requests])
+    batch_size, chunk = engine_lm.engine.batch_size, settings.chunk_size
+    cap = BOUND_CHUNKS[mode] * batch_size * chunk
+    bound = packed_bound(model, batch_size, chunk, stream[: min(bound_tokens, cap)], scoring=False)
+    bound_scoring = packed_bound(model, batch_size, chunk, stream[: min(bound_tokens, cap)], scoring=True)
+    batch1 = packed_bound(model, 1, chunk, stream[: min(bound_tokens, cap) // batch_size], scoring=False)
+    bound_cold = bound()
+    bound_scoring()
+    batch1()
+
+    times = {"engine": [], "naive": [], "bound": [], "bound_scoring": [], "bound_batch1": []}
+    engine_score_s, blocked, kinds_engine, kinds_naive = [], [], [], []
+    for repeat in range(repeats):
+        common.log(f"B1 {preset}: repeat {repeat + 1}/{repeats}")
+        seconds, _, _ = engine_run()
+        times["engine"].append(seconds)
+        engine_score_s.append(engine_rec.seconds)
+        blocked.append(timer.blocked)
+        kinds_engine.append(_per_kind(engine_rec))
+        seconds, _ = naive_run()
+        times["naive"].append(seconds)
+        kinds_naive.append(_per_kind(naive_rec))
+        times["bound"].append(bound())
+        times["bound_scoring"].append(bound_scoring())
+        times["bound_batch1"].append(batch1())
+
+    med = {name: common.median(values) for name, values in times.items()}
+    engine_score = common.median(engine_score_s)
+    rate = {name: run.tokens / med[name] for name, run in (("bound", bound), ("bound_scoring", bound_scoring), ("bound_batch1", batch1))}
+    per_kind = {}
+    for kind in kinds_engine[0]:
+        e = common.median([k[kind]["seconds"] for k in kinds_engine])
+        n = common.median([k[kind]["seconds"] for k in kinds_naive if kind in k])
+        per_kind[kind] = {
+            "requests": kinds_engine[0][kind]["requests"],
+            "scored_tokens": kinds_engine[0][kind]["scored_tokens"],
+            "engine_score_s": e,
+            "naive_score_s": n,
+            "engine_score_speedup_vs_naive": n / e if n and e else None,
+        }
+    metrics = {task: {k: v for k, v in row.items() if not k.endswith("_stderr,none") and k != "alias"} for task, row in engine_output["results"].items()}
+    return {
+        "preset": preset,
+        "num_params": num_params,
+        "tasks": tasks,
+        "documents": dict(zip(("wiki_articles", "lastword_docs", "choice_docs"), SIZES[mode][preset])),
+        "wiki_selection": "the shortest WikiText-2 validation articles (all 60 in full mode)" if quick else "see documents",
+        "engine_settings": applied,
+        "requests": len(requests),
+        "scored_tokens": scored,
+        "request_tokens": req_tokens,
+        "engine_model_tokens": engine_model_tokens,
+        "expected_model_tokens": expected_model_tokens,
+        "repeats": repeats,
+        "seconds": med,
+        "seconds_all": times,
+        "engine_cold_s": engine_cold,
+        "naive_cold_s": naive_cold,
+        "naive_compilations": naive.compilations,
+        "naive_compile_s": naive.compile_seconds,
+        "naive_padded_tokens": naive.padded_tokens // (repeats + 1),
+        "bound_cold_s": bound_cold,
+        "engine_compilations": engine_lm.engine.compilations,
+        "scored_tokens_per_s": scored / med["engine"],
+        "naive_scored_tokens_per_s": scored / med["naive"],
+        "speedup_vs_naive": med["naive"] / med["engine"],
+        "speedup_vs_naive_per_repeat": [n / e for n, e in zip(times["naive"], times["engine"])],
+        "bound_tokens_timed": bound.tokens,
+        "bound_model_tokens_per_s": rate["bound"],
+        "bound_scoring_tokens_per_s": rate["bound_scoring"],
+        "bound_batch1_tokens_per_s": rate["bound_batch1"],
+        "batching_headroom": rate["bound"] / rate["bound_batch1"],
+        "engine_model_tokens_per_s": bound_tokens / med["engine"],
+        "fraction_of_bound": (bound_tokens / med["engine"]) / rate["bound"],
+        "fraction_of_bound_scoring": (bound_tokens / med["engine"]) / rate["bound_scoring"],
+        "fraction_of_bound_request_tokens": (req_tokens / med["engine"]) / rate["bound"],
+        "fraction_of_bound_engine_only": (bound_tokens / engine_score) / rate["bound"],
+        "engine_score_s": engine_score,
+        "outside_engine_fraction": 1.0 - engine_score / med["engine"],
+        "per_request_type": per_kind,
+        "overlap": {
+            "input_wait_s": common.median(blocked),
+            "engine_score_s": engine_score,
+            "evaluation_s": med["engine"],
+            "device_idle_fraction_of_engine": common.median([b / s for b, s in zip(blocked, engine_score_s)]),
+            "device_idle_fraction_of_evaluation": common.median(
+                [(b + (t - s)) / t for b, s, t in zip(blocked, engine_score_s, times["engine"])]
+            ),
+            "batches": timer.batches,
+        },
+        "naive_max_abs_loglik_diff": naive_max_diff,
+        "naive_max_rel_loglik_diff": naive_max_rel,
+        "naive_greedy_equal": greedy_equal,
+        "metrics": metrics,
+        "definitions": {
+            "scored_tokens_per_s": "scored tokens (continuations; every token of a rolling document) / median wall "
+            "seconds of the whole lm-eval evaluation (bootstrap_iters=0, cache_requests=False)",
+            "speedup_vs_naive": "median naive evaluation seconds (compile excluded) / median engine evaluation seconds",
+            "fraction_of_bound": "engine model tokens per evaluation second / packed-forward tokens per second "
+            "(the same tokens as full [batch_size, chunk_size] chunks, forward only)",
+            "batching_headroom": "packed-forward tokens/s at batch_size / at batch 1: the most any batching can gain "
+            "over one-request-at-a-time on this hardware",
+            "fraction_of_bound_scoring": "as fraction_of_bound, the packed run also computing log-softmax and target gather",
+            "fraction_of_bound_request_tokens": "the bound over all request tokens (no prefix sharing), the engine "
+            "credited with them: counts the savings of shared prefixes",
+            "fraction_of_bound_engine_only": "as fraction_of_bound, but only the seconds inside Engine.score",
+            "outside_engine_fraction": "share of evaluation wall time spent outside Engine.score (lm-eval building "
+            "requests, tokenization, metrics): the device is idle then",
+            "device_idle_fraction_of_engine": "seconds blocked in the batch iterator / seconds inside Engine.score "
+            "(an upper bound: the device may still run the previous batch meanwhile)",
+            "device_idle_fraction_of_evaluation": "(blocked in the batch iterator + outside Engine.score) / evaluation wall",
+        },
+    }
+
+
+def run(tokenizer, directory: Path, quick: bool, presets=("tiny", "small")) -> dict:
+    settings = {"batch_size": 8, "chunk_size": 64, "share_prefixes": True}
+    results = {preset: run_preset(preset, tokenizer, directory, quick, settings) for preset in presets}
+    return {
+        "presets": results,
+        "speedup_vs_naive": {p: r["speedup_vs_naive"] for p, r in results.items()},
+        "fraction_of_bound": {p: r["fraction_of_bound"] for p, r in results.items()},
+        "scored_tokens_per_s": {p: r["scored_tokens_per_s"] for p, r in results.items()},
+        "targets": {"speedup_vs_naive": ">= 10", "fraction_of_bound": ">= 0.7"},
+    }
