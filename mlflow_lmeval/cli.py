@@ -106,6 +106,8 @@ def _cmd_evaluate(args) -> None:
         include_path=args.include_path,
         output_path=args.output_path,
         log_samples=args.log_samples,
+        response_cache=not args.no_cache,
+        response_cache_path=args.cache_path,
     )
     from .workflows import evaluate_and_publish
 
@@ -124,6 +126,17 @@ def _cmd_sync(args) -> None:
     outcomes = sync(args.results_dirs, tracking_uri=args.tracking_uri, experiment=args.experiment)
     created = sum(o.created for o in outcomes)
     print(f"{created} evaluation(s) published, {len(outcomes) - created} already in MLflow")
+
+
+def _cmd_cache(args) -> None:
+    from .response_cache import ResponseCache
+
+    cache = ResponseCache(args.cache_path)
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached responses from {cache.path}")
+    else:
+        print(f"{cache.path}: {cache.count()} cached responses")
+    cache.close()
 
 
 def _cmd_pipeline(args) -> None:
@@ -192,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--worker_buffer_size", type=int, default=defaults.worker_buffer_size)
     ev.add_argument("--no_cache_requests", action="store_true", help="rebuild lm-eval's requests every time")
     ev.add_argument("--debug_logits", action="store_true", help="scale logits so a random model gives finite metrics")
+    ev.add_argument("--no_cache", action="store_true", help="neither read nor write the resumable response cache")
+    ev.add_argument("--cache_path", help="response cache file (default: $MLFLOW_LMEVAL_CACHE/responses.sqlite)")
     ev.add_argument("--training_run_id", help="the MLflow training run (default: the checkpoint's metadata)")
     _add_tracking_flags(ev, "evaluation run (default: the training run's)")
     ev.set_defaults(func=_cmd_evaluate)
@@ -201,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--tracking_uri")
     sy.add_argument("--experiment")
     sy.set_defaults(func=_cmd_sync)
+
+    ca = commands.add_parser("cache", help="inspect or clear the resumable response cache")
+    ca.add_argument("action", choices=["info", "clear"])
+    ca.add_argument("--cache_path", help="response cache file (default: $MLFLOW_LMEVAL_CACHE/responses.sqlite)")
+    ca.set_defaults(func=_cmd_cache)
 
     pl = commands.add_parser("pipeline", help="run one DVC pipeline stage (dvc.yaml calls these)")
     pl.add_argument("stage", choices=["prepare", "train", "evaluate", "publish", "report"])

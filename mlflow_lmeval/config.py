@@ -29,6 +29,8 @@ class EvalConfig:
     include_path: str | None = None
     output_path: str | None = None
     log_samples: bool = False
+    response_cache: bool = True  # resumable: finished batches are kept, keyed by checkpoint and request
+    response_cache_path: str | None = None  # default: $MLFLOW_LMEVAL_CACHE/responses.sqlite
 
     def __post_init__(self):
         tasks = self.evaluation_tasks
@@ -62,7 +64,7 @@ class EvalConfig:
             return isinstance(value, int) and not isinstance(value, bool)
 
         require(all(isinstance(t, str) and t for t in self.evaluation_tasks), "evaluation_tasks must be task names")
-        for name in ("cache_requests", "write_out", "use_infinite_eval", "debug", "log_samples"):
+        for name in ("cache_requests", "write_out", "use_infinite_eval", "debug", "log_samples", "response_cache"):
             require(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         require(is_int(self.infinite_eval_chunksize) and self.infinite_eval_chunksize >= 1,
                 f"infinite_eval_chunksize (chunk size) must be a positive integer, got {self.infinite_eval_chunksize!r}")
@@ -81,6 +83,6 @@ class EvalConfig:
                 f"limit_requests must be a positive number, got {limit!r}")
         require(isinstance(self.apply_chat_template, (bool, str)),
                 f"apply_chat_template must be true, false or a template string, got {self.apply_chat_template!r}")
-        for name in ("tokenizer_path", "system_instruction", "include_path", "output_path"):
+        for name in ("tokenizer_path", "system_instruction", "include_path", "output_path", "response_cache_path"):
             value = getattr(self, name)
             require(value is None or isinstance(value, str), f"{name} must be a string, got {value!r}")

@@ -140,8 +140,18 @@ def evaluate_model(model, tokenizer, config: EvalConfig, checkpoint: dict | None
     from .lm import JaxLM
     from .lm_eval_stats import add_token_perplexity
 
-    lm = JaxLM(model, tokenizer, engine_settings(config), chat_template=config.apply_chat_template, show_progress=show_progress)
-    output = run_lm_eval(lm, config)
+    cache = None
+    if config.response_cache and (checkpoint or {}).get("fingerprint"):
+        from .response_cache import ResponseCache
+
+        cache = ResponseCache(config.response_cache_path)
+    lm = JaxLM(model, tokenizer, engine_settings(config), chat_template=config.apply_chat_template, show_progress=show_progress,
+               cache=cache, fingerprint=(checkpoint or {}).get("fingerprint"))
+    try:
+        output = run_lm_eval(lm, config)
+    finally:
+        if cache is not None:
+            cache.close()
     add_token_perplexity(output, lm.document_scores, config.bootstrap_iters)
     output["checkpoint"] = checkpoint or {}
     output["eval_config"] = config.to_dict()

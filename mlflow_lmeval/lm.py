@@ -37,12 +37,25 @@ class JaxLM(TemplateLM):
         settings: EngineSettings = EngineSettings(),
         chat_template: bool | str = False,
         show_progress: bool = True,
+        cache=None,
+        fingerprint: str | None = None,
     ):
+        """``cache`` (a ResponseCache) and the checkpoint's ``fingerprint`` make the evaluation
+        resumable; without a fingerprint nothing is cached (live params have no identity)."""
         super().__init__()
         if tokenizer.vocab_size > model.vocab_size:
             raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's ({model.vocab_size})")
         self.sp = tokenizer
-        self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None)
+        self.cache_namespace = None
+        if cache is not None and fingerprint:
+            from .response_cache import namespace
+
+            recurrent = model.recurrent and settings.infinite
+            mode = "recurrent" if recurrent else f"fixed:{settings.context_length or model.context_length}"
+            self.cache_namespace = namespace(fingerprint, mode, settings.debug)
+        self.cache = cache if self.cache_namespace else None
+        self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None,
+                             cache=self.cache, cache_namespace=self.cache_namespace)
         self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
         self.document_scores: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
         self._last_token_counts: list[int] = []
@@ -113,8 +126,26 @@ class JaxLM(TemplateLM):
                 contexts.append(tokens if tokens else [self.prefix_token_id])
             if self.engine.max_length is not None:
                 contexts = [c[-self.engine.max_length :] for c in contexts]
-            finished = _stop_checker(self, until)
-            for i, tokens in zip(indices, self.engine.generate(contexts, max_gen_toks, finished)):
+            generated: dict[int, list[int]] = {}
+            keys = []
+            if self.cache is not None:
+                from .response_cache import request_key
+
+                keys = [request_key(self.cache_namespace, "generate", c, "\x1f".join(until), max_gen_toks) for c in contexts]
+                for position, key in enumerate(keys):
+                    stored = self.cache.get_generation(key)
+                    if stored is not None:
+                        generated[position] = stored
+            missing = [p for p in range(len(contexts)) if p not in generated]
+
+            def store(local: int, tokens: list[int]) -> None:
+                generated[missing[local]] = tokens
+                if keys:
+                    self.cache.put_generation(self.cache_namespace, keys[missing[local]], tokens)
+
+            self.engine.generate([contexts[p] for p in missing], max_gen_toks, _stop_checker(self, until), on_done=store)
+            for position, i in enumerate(indices):
+                tokens = generated[position]
                 outputs[i] = _cut_at_stop(self.tok_decode([t for t in tokens if t != self.eot_token_id]), until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs

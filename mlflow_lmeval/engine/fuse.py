@@ -19,10 +19,9 @@ class PieceResults:
 
     @staticmethod
     def concatenate(parts: list["PieceResults"]) -> "PieceResults":
+        empty = PieceResults(*(np.zeros(0, dtype) for dtype in (np.int64, np.int64, np.float64, np.int64, bool)))
         fields = [f.name for f in dataclasses.fields(PieceResults)]
-        if not parts:
-            return PieceResults(*(np.zeros(0) for _ in fields))
-        return PieceResults(*(np.concatenate([getattr(p, name) for p in parts]) for name in fields))
+        return PieceResults(*(np.concatenate([getattr(p, name) for p in [empty, *parts]]) for name in fields))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,8 +60,13 @@ def _zeros_totals(batch: int):
 class Engine:
     """Scores requests and generates from a model that follows the model contract."""
 
-    def __init__(self, model: LanguageModel, settings: EngineSettings, progress: Callable[[int, int], None] | None = None):
+    def __init__(self, model: LanguageModel, settings: EngineSettings, progress: Callable[[int, int], None] | None = None,
+                 cache=None, cache_namespace: str | None = None):
+        """``cache`` (a ResponseCache) with ``cache_namespace`` makes scoring resumable: every
+        finished batch is stored, and stored pieces are not computed again."""
         self.model = model
+        self.cache = cache if cache_namespace else None
+        self.cache_namespace = cache_namespace
         self.settings = settings
         self.progress = progress
         self.recurrent = model.recurrent and settings.infinite
@@ -174,14 +179,22 @@ class Engine:
         if pending is not None:
             finish(*pending)
 
-    def score_pieces(self, pieces: list[Piece], states=None) -> PieceResults:
+    def score_pieces(self, pieces: list[Piece], states=None, keys: list[bytes] | None = None) -> PieceResults:
+        """Score pieces; with ``keys`` (per document, 0-based) each batch is stored in the cache."""
         parts = []
 
         def collect(batch, totals, _state):
             bad = totals["nonfinite"] & (batch["document_idx"] > 0)
             if bad.any():
                 raise NonFiniteLogits(int(batch["document_idx"][np.argmax(bad)]))
-            parts.append(PieceResults(batch["document_idx"], batch["sequence_idx"], totals["loglik"], totals["num_tokens"], totals["greedy"]))
+            part = PieceResults(batch["document_idx"], batch["sequence_idx"], totals["loglik"], totals["num_tokens"], totals["greedy"])
+            parts.append(part)
+            if keys is not None:
+                real = np.flatnonzero(part.document_idx > 0)
+                self.cache.put_pieces(self.cache_namespace, [
+                    (keys[part.document_idx[i] - 1], part.sequence_idx[i], part.loglik[i], part.num_tokens[i], part.greedy[i])
+                    for i in real
+                ])
 
         self._run(pieces, collect, states)
         return PieceResults.concatenate(parts)
@@ -206,12 +219,33 @@ class Engine:
 
     def score(self, requests: list[tuple[list[int], list[int]]]) -> DocumentResults:
         """(context, continuation) token lists -> per-request log-likelihood, token count, greedy."""
-        if not (self.recurrent and self.settings.share_prefixes):
-            pieces = make_pieces(requests, self.max_length)
-            counts = np.bincount([p.document_idx - 1 for p in pieces], minlength=len(requests))
-            return fuse_document_results(self.score_pieces(pieces), counts)
-        prefixes, pieces = share_contexts(requests)
-        parts = [self.score_pieces([p for p in pieces if p.state_idx == 0])]
+        from ..response_cache import request_key
+
+        shared = self.recurrent and self.settings.share_prefixes
+        pieces = share_contexts(requests)[1] if shared else make_pieces(requests, self.max_length)
+        counts = np.bincount([p.document_idx - 1 for p in pieces], minlength=len(requests))
+        keys, parts = None, []
+        if self.cache is not None:
+            keys = [request_key(self.cache_namespace, context, continuation) for context, continuation in requests]
+            stored = self.cache.get_pieces((keys[p.document_idx - 1], p.sequence_idx) for p in pieces)
+            done = [p for p in pieces if (keys[p.document_idx - 1], p.sequence_idx) in stored]
+            if done:
+                values = [stored[keys[p.document_idx - 1], p.sequence_idx] for p in done]
+                parts.append(PieceResults(np.array([p.document_idx for p in done]), np.array([p.sequence_idx for p in done]),
+                                          *(np.array(column) for column in zip(*values))))
+            pieces = [p for p in pieces if (keys[p.document_idx - 1], p.sequence_idx) not in stored]
+        if shared:
+            parts.extend(self._score_shared(requests, {p.document_idx for p in pieces}, keys))
+        else:
+            parts.append(self.score_pieces(pieces, keys=keys))
+        return fuse_document_results(PieceResults.concatenate(parts), counts)
+
+    def _score_shared(self, requests, pending: set[int], keys) -> list[PieceResults]:
+        """Score the ``pending`` documents (1-based), running each shared context once."""
+        order = sorted(pending)
+        prefixes, pieces = share_contexts([requests[d - 1] for d in order])
+        pieces = [dataclasses.replace(p, document_idx=order[p.document_idx - 1]) for p in pieces]
+        parts = [self.score_pieces([p for p in pieces if p.state_idx == 0], keys=keys)]
         block = self.settings.prefix_block
         for first in range(0, len(prefixes), block):
             # Holding every prefix state at once could exhaust memory; a block at a time is bounded.
@@ -220,12 +254,15 @@ class Engine:
                 dataclasses.replace(p, state_idx=p.state_idx - first)
                 for p in pieces if first < p.state_idx <= first + block
             ]
-            parts.append(self.score_pieces(members, states))
-        return fuse_document_results(PieceResults.concatenate(parts), np.ones(len(requests), np.int64))
+            parts.append(self.score_pieces(members, states, keys=keys))
+        return parts
 
     # ---- generation -----------------------------------------------------------------------
-    def generate(self, contexts: list[list[int]], max_new_tokens: int, finished: Callable[[list[int]], bool]) -> list[list[int]]:
-        """Greedy continuation of each context until ``finished(tokens)`` or ``max_new_tokens``."""
+    def generate(self, contexts: list[list[int]], max_new_tokens: int, finished: Callable[[list[int]], bool],
+                 on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+        """Greedy continuation of each context until ``finished(tokens)`` or ``max_new_tokens``.
+
+        ``on_done(index, tokens)`` is called as each batch of contexts finishes."""
         if max_new_tokens < 1 or not contexts:
             return [[] for _ in contexts]
         generate = self._generate_recurrent if self.recurrent else self._generate_windowed
@@ -235,6 +272,8 @@ class Engine:
             group = order[start : start + self.batch_size]
             for index, tokens in zip(group, generate([contexts[i] for i in group], max_new_tokens, finished)):
                 results[index] = tokens
+                if on_done:
+                    on_done(index, tokens)
         return results
 
     def _prefill_pieces(self, contexts: list[list[int]]) -> list[Piece]:

@@ -1,0 +1,149 @@
+"""A persistent cache of scored pieces and generations, so an interrupted evaluation resumes.
+
+Results are written batch by batch in SQLite's WAL mode, so a ``kill -9`` loses at most the batch
+in flight. Keys hold everything that decides a result: the checkpoint fingerprint and the scoring
+mode (in a namespace), and the request's tokens. Settings that do not change a score (chunk and
+batch size, workers) are not part of the key, so they can change between attempts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+FILE_NAME = "responses.sqlite"
+
+
+def default_path() -> Path:
+    root = Path(os.environ.get("MLFLOW_LMEVAL_CACHE", Path.home() / ".cache" / "mlflow_lmeval"))
+    return root / FILE_NAME
+
+
+def namespace(fingerprint: str, mode: str, debug: bool) -> str:
+    """Everything outside the request that decides its score."""
+    return hashlib.sha256(json.dumps([SCHEMA_VERSION, fingerprint, mode, debug]).encode()).hexdigest()[:32]
+
+
+def request_key(namespace_: str, *parts) -> bytes:
+    """A digest of the namespace and the request's parts (token lists, strings, numbers)."""
+    digest = hashlib.sha256(namespace_.encode())
+    for part in parts:
+        if isinstance(part, (list, tuple, np.ndarray)):
+            digest.update(b"t" + np.asarray(part, np.int64).tobytes() + b"|")
+        else:
+            digest.update(b"s" + json.dumps(part).encode() + b"|")
+    return digest.digest()
+
+
+class ResponseCache:
+    """``pieces``: (key, sequence_idx) -> (loglik, num_tokens, greedy); ``generations``: key -> tokens."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else default_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the response cache directory {self.path.parent}: {error.strerror}") from None
+        self._db = self._open_checked()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE IF NOT EXISTS pieces (
+                namespace TEXT, key BLOB, sequence_idx INTEGER, loglik REAL, num_tokens INTEGER, greedy INTEGER,
+                PRIMARY KEY (key, sequence_idx));
+            CREATE TABLE IF NOT EXISTS generations (namespace TEXT, key BLOB PRIMARY KEY, tokens TEXT);
+            """
+        )
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        return db
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """Open the cache; a torn or corrupt file is moved aside and rebuilt, never trusted."""
+        try:
+            db = self._connect()
+            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+            (schema,) = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if verdict == "ok" and schema == str(SCHEMA_VERSION):
+                return db
+            db.close()
+            reason = verdict if verdict != "ok" else f"schema {schema}"
+        except sqlite3.DatabaseError as error:
+            reason = str(error)
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                source.replace(Path(str(aside) + suffix))
+        warnings.warn(f"response cache {self.path} was damaged ({reason}); moved to {aside.name} and rebuilt")
+        return self._connect()
+
+    def get_pieces(self, keys: Iterable[tuple[bytes, int]]) -> dict[tuple[bytes, int], tuple[float, int, bool]]:
+        found = {}
+        keys = list(keys)
+        for start in range(0, len(keys), 400):
+            block = keys[start : start + 400]
+            where = " OR ".join(["(key = ? AND sequence_idx = ?)"] * len(block))
+            rows = self._db.execute(
+                f"SELECT key, sequence_idx, loglik, num_tokens, greedy FROM pieces WHERE {where}",
+                [value for pair in block for value in pair],
+            )
+            for key, sequence_idx, loglik, num_tokens, greedy in rows:
+                found[(key, sequence_idx)] = (loglik, num_tokens, bool(greedy))
+        return found
+
+    def put_pieces(self, namespace_: str, rows: Iterable[tuple[bytes, int, float, int, bool]]) -> None:
+        """One transaction: a batch is either wholly in the cache or not at all."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?, ?, ?)",
+                [(namespace_, key, int(seq), float(loglik), int(n), int(bool(greedy))) for key, seq, loglik, n, greedy in rows],
+            )
+
+    def get_generation(self, key: bytes) -> list[int] | None:
+        row = self._db.execute("SELECT tokens FROM generations WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_generation(self, namespace_: str, key: bytes, tokens: list[int]) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO generations VALUES (?, ?, ?)", (namespace_, key, json.dumps(tokens)))
+
+    def count(self) -> int:
+        return sum(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("pieces", "generations"))
+
+    def clear(self) -> int:
+        removed = self.count()
+        with self._transaction():
+            self._db.execute("DELETE FROM pieces")
+            self._db.execute("DELETE FROM generations")
+        self._db.execute("VACUUM")
+        return removed
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
