@@ -191,6 +191,53 @@ def model_tokens(engine) -> int | None:
     return int(value) if value is not None else None
 
 
+class StreamTimer:
+    """Stands in for ``mlflow_lmeval.engine.loop.batch_stream``: times how long the engine's host
+    loop waits for each batch from the grain pipeline, and counts real and padded tokens."""
+
+    def __init__(self, original):
+        self.original = original
+        self.reset()
+
+    def reset(self):
+        self.blocked = 0.0
+        self.batches = 0
+        self.streams = 0
+        self.padded_tokens = 0
+        self.real_tokens = 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        iterator = self.original(*args, **kwargs)
+        self.blocked += time.perf_counter() - start
+        self.streams += 1
+        return self._timed(iterator)
+
+    def _timed(self, iterator):
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.blocked += time.perf_counter() - start
+                return
+            self.blocked += time.perf_counter() - start
+            self.batches += 1
+            self.padded_tokens += int(batch["valid"].size)
+            self.real_tokens += int(batch["valid"].sum())
+            yield batch
+
+
+@contextlib.contextmanager
+def timed_batches():
+    """Within the block every Engine's batch stream is timed and counted by the yielded StreamTimer."""
+    from mlflow_lmeval.engine import loop
+
+    timer = StreamTimer(loop.batch_stream)
+    with patched(loop, "batch_stream", timer):
+        yield timer
+
+
 # ---- text ---------------------------------------------------------------------------------
 def wikitext_articles() -> list[tuple[str, str]]:
     """WikiText-2 validation split into articles at its top-level `` = Title = `` lines."""

@@ -55,6 +55,14 @@ class NaiveEngine:
             self._executables[length] = executable
         return executable
 
+    def _padded(self, length: int) -> int:
+        return -(-length // self.multiple) * self.multiple
+
+    def precompile(self, requests) -> None:
+        """Compile every padded length these requests need, without running them (the warm-up)."""
+        for length in sorted({self._padded(len(c) + len(x) - 1) for c, x in requests}):
+            self._executable(length)
+
     def score(self, requests) -> DocumentResults:
         loglik = np.zeros(len(requests), np.float64)
         num_tokens = np.zeros(len(requests), np.int64)
@@ -62,7 +70,7 @@ class NaiveEngine:
         for index, (context, continuation) in enumerate(requests):
             sequence = np.asarray(list(context) + list(continuation), np.int32)
             length = len(sequence) - 1
-            padded = -(-length // self.multiple) * self.multiple
+            padded = self._padded(length)
             inputs = np.zeros((1, padded), np.int32)
             targets = np.zeros((1, padded), np.int32)
             inputs[0, :length] = sequence[:-1]

@@ -31,49 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import common
+from .common import StreamTimer
 from .naive import NaiveEngine
 
 SIZES = {
     # preset: (wiki articles, shortest first; lastword docs; choice docs)
-    "quick": {"tiny": (12, 400, 100), "small": (8, 100, 25)},
+    "quick": {"tiny": (8, 400, 100), "small": (8, 100, 25)},
     "full": {"tiny": (60, 2000, 500), "small": (24, 400, 100)},
 }
 REPEATS = {"quick": 3, "full": 5}
 # The packed bound runs at a steady rate per chunk, so it is timed on at most this many chunks and
 # expressed as a rate (tokens/s); the batch-1 rate shows what batching can gain on this hardware.
-BOUND_CHUNKS = {"quick": 48, "full": 160}
-
-
-class StreamTimer:
-    """Times how long the engine's host loop waits for each batch from the grain pipeline."""
-
-    def __init__(self, original):
-        self.original = original
-        self.reset()
-
-    def reset(self):
-        self.blocked = 0.0
-        self.batches = 0
-        self.streams = 0
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        iterator = self.original(*args, **kwargs)
-        self.blocked += time.perf_counter() - start
-        self.streams += 1
-        return self._timed(iterator)
-
-    def _timed(self, iterator):
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                self.blocked += time.perf_counter() - start
-                return
-            self.blocked += time.perf_counter() - start
-            self.batches += 1
-            yield batch
+BOUND_CHUNKS = {"quick": {"tiny": 48, "small": 12}, "full": {"tiny": 160, "small": 40}}
 
 
 def packed_bound(model, batch_size: int, chunk_size: int, tokens: np.ndarray, scoring: bool):
@@ -107,8 +76,13 @@ def packed_bound(model, batch_size: int, chunk_size: int, tokens: np.ndarray, sc
         jax.block_until_ready((state, total))
         return time.perf_counter() - start
 
+    def warm() -> None:
+        state, total = jitted(model.params, model.init_state(batch_size), jnp.zeros((batch_size,), jnp.float32), inputs[0], targets[0])
+        jax.block_until_ready((state, total))
+
     run.steps = steps
     run.tokens = steps * rows
+    run.warm = warm
     return run
 
 
@@ -154,8 +128,6 @@ def _per_kind(recorder) -> dict:
 
 
 def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_values: dict) -> dict:
-    from mlflow_lmeval.engine import loop
-
     mode = "quick" if quick else "full"
     repeats = REPEATS[mode]
     tasks = _write_tasks(directory, preset, SIZES[mode][preset])
@@ -171,18 +143,16 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
     naive_lm.engine = naive
     naive_rec = common.ScoreRecorder(naive)
     _label_calls(naive_lm, naive_rec)
-    timer = StreamTimer(loop.batch_stream)
 
     def engine_run():
         engine_rec.reset()
-        timer.reset()
         before = common.model_tokens(engine_lm.engine)
-        with common.patched(loop, "batch_stream", timer):
+        with common.timed_batches() as timer:
             start = time.perf_counter()
             output = common.evaluate_lm(engine_lm, config)
             seconds = time.perf_counter() - start
         after = common.model_tokens(engine_lm.engine)
-        return seconds, output, (after - before) if before is not None else None
+        return seconds, output, (after - before) if before is not None else None, timer
 
     def naive_run():
         naive_rec.reset()
@@ -192,43 +162,47 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         seconds = time.perf_counter() - start
         return seconds - (naive.compile_seconds - compile_before), output
 
-    common.log(f"B1 {preset}: cold runs (compilation included)")
-    engine_cold, engine_output, engine_model_tokens = engine_run()
-    requests = engine_rec.requests
-    scored = engine_rec.scored_tokens()
-    req_tokens = common.request_tokens(requests)
-    sharing = bool(applied.get("share_prefixes", False)) and common.has_share_prefixes()
-    expected_model_tokens = common.shared_model_tokens(requests) if sharing else req_tokens
-    bound_tokens = engine_model_tokens if engine_model_tokens is not None else expected_model_tokens
-    naive_start = time.perf_counter()
-    naive_cold_excl, naive_output = naive_run()
-    naive_cold = time.perf_counter() - naive_start
-    naive_max_diff = float(np.max(np.abs(engine_rec.loglik() - naive_rec.loglik()))) if requests else None
-    naive_max_rel = float(np.max(np.abs(engine_rec.loglik() - naive_rec.loglik()) / np.maximum(1.0, np.abs(naive_rec.loglik())))) if requests else None
-    greedy_equal = bool(np.array_equal(engine_rec.greedy(), naive_rec.greedy()))
-
-    stream = np.concatenate([np.asarray(c + x, np.int32) for c, x in requests])
-    batch_size, chunk = engine_lm.engine.batch_size, settings.chunk_size
-    cap = BOUND_CHUNKS[mode] * batch_size * chunk
-    bound = packed_bound(model, batch_size, chunk, stream[: min(bound_tokens, cap)], scoring=False)
-    bound_scoring = packed_bound(model, batch_size, chunk, stream[: min(bound_tokens, cap)], scoring=True)
-    batch1 = packed_bound(model, 1, chunk, stream[: min(bound_tokens, cap) // batch_size], scoring=False)
-    bound_cold = bound()
-    bound_scoring()
-    batch1()
+    common.log(f"B1 {preset}: warm-up (compiles the engine's step on a few requests per task)")
+    start = time.perf_counter()
+    common.evaluate_lm(engine_lm, common.eval_config(tasks, directory, limit_requests=8))
+    engine_warmup = time.perf_counter() - start
 
     times = {"engine": [], "naive": [], "bound": [], "bound_scoring": [], "bound_batch1": []}
-    engine_score_s, blocked, kinds_engine, kinds_naive = [], [], [], []
+    engine_score_s, blocked, kinds_engine, kinds_naive, timers = [], [], [], [], []
     for repeat in range(repeats):
         common.log(f"B1 {preset}: repeat {repeat + 1}/{repeats}")
-        seconds, _, _ = engine_run()
+        seconds, output, tokens, timer = engine_run()
         times["engine"].append(seconds)
         engine_score_s.append(engine_rec.seconds)
         blocked.append(timer.blocked)
+        timers.append(timer)
         kinds_engine.append(_per_kind(engine_rec))
+        if repeat == 0:
+            engine_output, engine_model_tokens = output, tokens
+            requests = engine_rec.requests
+            scored = engine_rec.scored_tokens()
+            req_tokens = common.request_tokens(requests)
+            sharing = bool(applied.get("share_prefixes", False)) and common.has_share_prefixes()
+            expected_model_tokens = common.shared_model_tokens(requests) if sharing else req_tokens
+            bound_tokens = engine_model_tokens if engine_model_tokens is not None else expected_model_tokens
+            common.log(f"B1 {preset}: compiling the naive evaluator's shapes and the packed bound")
+            naive.precompile(requests)
+            stream = np.concatenate([np.asarray(c + x, np.int32) for c, x in requests])
+            batch_size, chunk = engine_lm.engine.batch_size, settings.chunk_size
+            timed_tokens = min(bound_tokens, BOUND_CHUNKS[mode][preset] * batch_size * chunk)
+            bound = packed_bound(model, batch_size, chunk, stream[:timed_tokens], scoring=False)
+            bound_scoring = packed_bound(model, batch_size, chunk, stream[:timed_tokens], scoring=True)
+            batch1 = packed_bound(model, 1, chunk, stream[: timed_tokens // batch_size], scoring=False)
+            for function in (bound, bound_scoring, batch1):
+                function.warm()
         seconds, _ = naive_run()
         times["naive"].append(seconds)
         kinds_naive.append(_per_kind(naive_rec))
+        if repeat == 0:
+            loglik_diff = np.abs(engine_rec.loglik() - naive_rec.loglik())
+            naive_max_diff = float(loglik_diff.max())
+            naive_max_rel = float(np.max(loglik_diff / np.maximum(1.0, np.abs(naive_rec.loglik()))))
+            greedy_equal = bool(np.array_equal(engine_rec.greedy(), naive_rec.greedy()))
         times["bound"].append(bound())
         times["bound_scoring"].append(bound_scoring())
         times["bound_batch1"].append(batch1())
@@ -253,7 +227,7 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         "num_params": num_params,
         "tasks": tasks,
         "documents": dict(zip(("wiki_articles", "lastword_docs", "choice_docs"), SIZES[mode][preset])),
-        "wiki_selection": "the shortest WikiText-2 validation articles (all 60 in full mode)" if quick else "see documents",
+        "wiki_selection": f"the {SIZES[mode][preset][0]} shortest of the 60 WikiText-2 validation articles",
         "engine_settings": applied,
         "requests": len(requests),
         "scored_tokens": scored,
@@ -263,12 +237,12 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         "repeats": repeats,
         "seconds": med,
         "seconds_all": times,
-        "engine_cold_s": engine_cold,
-        "naive_cold_s": naive_cold,
+        "engine_warmup_s": engine_warmup,
+        "engine_padded_tokens": timers[0].padded_tokens,
+        "engine_padding_efficiency": timers[0].real_tokens / timers[0].padded_tokens if timers[0].padded_tokens else None,
         "naive_compilations": naive.compilations,
         "naive_compile_s": naive.compile_seconds,
-        "naive_padded_tokens": naive.padded_tokens // (repeats + 1),
-        "bound_cold_s": bound_cold,
+        "naive_padded_tokens": naive.padded_tokens // repeats,
         "engine_compilations": engine_lm.engine.compilations,
         "scored_tokens_per_s": scored / med["engine"],
         "naive_scored_tokens_per_s": scored / med["naive"],
@@ -295,7 +269,7 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
             "device_idle_fraction_of_evaluation": common.median(
                 [(b + (t - s)) / t for b, s, t in zip(blocked, engine_score_s, times["engine"])]
             ),
-            "batches": timer.batches,
+            "batches": timers[0].batches,
         },
         "naive_max_abs_loglik_diff": naive_max_diff,
         "naive_max_rel_loglik_diff": naive_max_rel,
@@ -312,6 +286,7 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
             "fraction_of_bound_scoring": "as fraction_of_bound, the packed run also computing log-softmax and target gather",
             "fraction_of_bound_request_tokens": "the bound over all request tokens (no prefix sharing), the engine "
             "credited with them: counts the savings of shared prefixes",
+            "engine_padding_efficiency": "real / padded tokens over the batches the engine ran (one evaluation)",
             "fraction_of_bound_engine_only": "as fraction_of_bound, but only the seconds inside Engine.score",
             "outside_engine_fraction": "share of evaluation wall time spent outside Engine.score (lm-eval building "
             "requests, tokenization, metrics): the device is idle then",

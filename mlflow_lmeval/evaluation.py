@@ -43,10 +43,28 @@ def task_manager(tasks: tuple[str, ...], include_path: str | None):
             return manager
     manager = TaskManager(include_path=include_path, include_defaults=True)
     unknown = _unknown_tasks(manager, tasks)
+    if unknown and include_path is not None:
+        _check_task_yaml(Path(include_path))
     if unknown:
         where = f" in {include_path} or" if include_path else ""
         raise UserError(f"unknown task(s): {', '.join(unknown)} (not found{where} among lm-eval's tasks)")
     return manager
+
+
+def _check_task_yaml(directory: Path) -> None:
+    """lm-eval skips a task file it cannot parse; name the broken file instead of the task."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)  # lm-eval's !function tags
+    for path in sorted(directory.rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            first = str(error).strip().splitlines()[0]
+            raise UserError(f"malformed task YAML {path}: {first}") from None
 
 
 def _unknown_tasks(manager, tasks) -> list[str]:
@@ -90,6 +108,8 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
             )
     except UserError:
         raise
+    except StopIteration:  # lm-eval's way of meeting a task without documents
+        raise UserError(f"a task has no documents to evaluate (an empty dataset or split?): {', '.join(config.evaluation_tasks)}") from None
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise UserError(f"lm-eval could not run the tasks: {type(error).__name__}: {error}") from error
     if output is None:

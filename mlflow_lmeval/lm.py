@@ -8,7 +8,7 @@ from typing import Any
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .engine.loop import Engine, EngineSettings
+from .engine.loop import Engine, EngineSettings, NonFiniteLogits
 from .errors import UserError
 from .models.protocol import LanguageModel
 from .tokenizer import Tokenizer
@@ -93,8 +93,16 @@ class JaxLM(TemplateLM):
         for request, loglik, count in zip(requests, logliks, self._last_token_counts):
             self.document_scores[request.task_name].append((loglik, count))
 
+    def _score(self, encoded, described):
+        """engine.score, with a non-finite result named by the lm-eval request that produced it."""
+        try:
+            return self.engine.score(encoded)
+        except NonFiniteLogits as error:
+            raise UserError(f"the model produced NaN or inf log-probabilities for {described(error.document_idx - 1)}") from None
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        results = self.engine.score([(context, continuation) for _, context, continuation in requests])
+        encoded = [(context, continuation) for _, context, continuation in requests]
+        results = self._score(encoded, lambda i: f"context {requests[i][0][0][-60:]!r} + continuation {requests[i][0][1][:60]!r}")
         self._last_token_counts = [int(n) for n in results.num_tokens]
         return [(float(loglik), bool(greedy)) for loglik, greedy in zip(results.loglik, results.greedy)]
 
@@ -106,7 +114,7 @@ class JaxLM(TemplateLM):
             if not tokens:
                 raise UserError(f"request {_describe(request)} is a document that tokenizes to nothing")
             encoded.append(([self.prefix_token_id], tokens))
-        results = self.engine.score(encoded)
+        results = self._score(encoded, lambda i: f"request {_describe(requests[i])}")
         self._last_token_counts = [int(n) for n in results.num_tokens]
         logliks = [float(loglik) for loglik in results.loglik]
         self._record(requests, logliks)
@@ -126,29 +134,33 @@ class JaxLM(TemplateLM):
                 contexts.append(tokens if tokens else [self.prefix_token_id])
             if self.engine.max_length is not None:
                 contexts = [c[-self.engine.max_length :] for c in contexts]
-            generated: dict[int, list[int]] = {}
-            keys = []
-            if self.cache is not None:
-                from .response_cache import request_key
-
-                keys = [request_key(self.cache_namespace, "generate", c, "\x1f".join(until), max_gen_toks) for c in contexts]
-                for position, key in enumerate(keys):
-                    stored = self.cache.get_generation(key)
-                    if stored is not None:
-                        generated[position] = stored
-            missing = [p for p in range(len(contexts)) if p not in generated]
-
-            def store(local: int, tokens: list[int]) -> None:
-                generated[missing[local]] = tokens
-                if keys:
-                    self.cache.put_generation(self.cache_namespace, keys[missing[local]], tokens)
-
-            self.engine.generate([contexts[p] for p in missing], max_gen_toks, _stop_checker(self, until), on_done=store)
-            for position, i in enumerate(indices):
-                tokens = generated[position]
+            generated = self._generate_cached(contexts, list(until), max_gen_toks)
+            for i, tokens in zip(indices, generated):
                 outputs[i] = _cut_at_stop(self.tok_decode([t for t in tokens if t != self.eot_token_id]), until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
+
+    def _generate_cached(self, contexts: list[list[int]], until: list[str], max_gen_toks: int) -> list[list[int]]:
+        """Greedy generations, taken from the response cache where stored, stored as batches finish."""
+        keys = [None] * len(contexts)
+        generated: dict[int, list[int]] = {}
+        if self.cache is not None:
+            from .response_cache import request_key
+
+            keys = [request_key(self.cache_namespace, "generate", c, "\x1f".join(until), max_gen_toks) for c in contexts]
+            for position, key in enumerate(keys):
+                stored = self.cache.get_generation(key)
+                if stored is not None:
+                    generated[position] = stored
+        missing = [p for p in range(len(contexts)) if p not in generated]
+
+        def store(local: int, tokens: list[int]) -> None:
+            generated[missing[local]] = tokens
+            if self.cache is not None:
+                self.cache.put_generation(self.cache_namespace, keys[missing[local]], tokens)
+
+        self.engine.generate([contexts[p] for p in missing], max_gen_toks, _stop_checker(self, until), on_done=store)
+        return [generated[p] for p in range(len(contexts))]
 
     def _generation_settings(self, gen_kwargs: dict[str, Any]) -> tuple[list[str], int]:
         gen_kwargs = dict(gen_kwargs or {})
