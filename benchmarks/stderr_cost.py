@@ -15,6 +15,7 @@ from pathlib import Path
 from . import common
 
 REPEATS = {"quick": 2, "full": 3}
+DOCUMENTS = {"quick": 2_000, "full": None}  # None: every eligible speech (about 3,700)
 # The bootstrap's cost depends on the number of documents, not their length: quick mode keeps every
 # document but only the last 24 words of its context, so the model part stays short.
 CONTEXT_WORDS = {"quick": 24, "full": None}
@@ -24,7 +25,7 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
     from mlflow_lmeval import stats
 
     mode = "quick" if quick else "full"
-    docs = common.lastword_docs()
+    docs = common.lastword_docs(DOCUMENTS[mode])
     if CONTEXT_WORDS[mode]:
         docs = [{**d, "context": " ".join(d["context"].split()[-CONTEXT_WORDS[mode]:])} for d in docs]
     task = common.write_lastword_task(directory, "bootstrap_lastword", docs)
@@ -52,7 +53,7 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
         return seconds, watch.seconds, output
 
     common.log("B-stats: warm-up")
-    warm = common.eval_config([task], directory, bootstrap_iters=0, limit_requests=16)
+    warm = common.eval_config([task], directory, bootstrap_iters=0, limit_requests=4)
     common.evaluate_lm(lm, warm)  # compiles the engine step
     times = {0: [], 100_000: []}
     stderr_seconds = []

@@ -45,9 +45,14 @@ REPEATS = {"quick": 3, "full": 5}
 BOUND_CHUNKS = {"quick": {"tiny": 48, "small": 12}, "full": {"tiny": 160, "small": 40}}
 
 
-def packed_bound(model, batch_size: int, chunk_size: int, tokens: np.ndarray, scoring: bool):
+def packed_bound(model, batch_size: int, chunk_size: int, tokens: np.ndarray, scoring: bool | str):
     """A function that runs ``len(tokens)`` tokens as full ``[batch_size, chunk_size]`` chunks
-    (the state carried) and returns the wall seconds; compiled on first use."""
+    (the state carried) and returns the wall seconds; ``warm()`` compiles it.
+
+    ``scoring``: False, the forward only; True, plus log-softmax and target gather; "argmax" or
+    "max", plus the all-greedy flag computed as ``argmax == target`` or as ``target logit >= max``
+    (a diagnostic of what the greedy flag costs).
+    """
     rows = batch_size * chunk_size
     steps = max(1, -(-len(tokens) // rows))
     packed = np.resize(np.asarray(tokens, np.int32), steps * rows + 1)
@@ -61,7 +66,13 @@ def packed_bound(model, batch_size: int, chunk_size: int, tokens: np.ndarray, sc
         if scoring:
             log_probs = jax.nn.log_softmax(logits, axis=-1)
             picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-            return state, total + picked.sum(-1)
+            total = total + picked.sum(-1)
+            if scoring == "argmax":
+                total = total + jnp.all(jnp.argmax(logits, axis=-1) == targets, axis=-1)
+            elif scoring == "max":
+                target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+                total = total + jnp.all(target_logits >= logits.max(-1), axis=-1)
+            return state, total
         # Every logit must be computed: reduce over the vocabulary, keep one number per row.
         return state, total + logits.max(-1).sum(-1)
 
@@ -164,10 +175,11 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
 
     common.log(f"B1 {preset}: warm-up (compiles the engine's step on a few requests per task)")
     start = time.perf_counter()
-    common.evaluate_lm(engine_lm, common.eval_config(tasks, directory, limit_requests=8))
+    common.evaluate_lm(engine_lm, common.eval_config(tasks, directory, limit_requests=1))
     engine_warmup = time.perf_counter() - start
 
-    times = {"engine": [], "naive": [], "bound": [], "bound_scoring": [], "bound_batch1": []}
+    times = {"engine": [], "naive": [], "bound": [], "bound_scoring": [], "bound_batch1": [],
+             "scoring_greedy_argmax": [], "scoring_greedy_max": []}
     engine_score_s, blocked, kinds_engine, kinds_naive, timers = [], [], [], [], []
     for repeat in range(repeats):
         common.log(f"B1 {preset}: repeat {repeat + 1}/{repeats}")
@@ -193,7 +205,9 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
             bound = packed_bound(model, batch_size, chunk, stream[:timed_tokens], scoring=False)
             bound_scoring = packed_bound(model, batch_size, chunk, stream[:timed_tokens], scoring=True)
             batch1 = packed_bound(model, 1, chunk, stream[: timed_tokens // batch_size], scoring=False)
-            for function in (bound, bound_scoring, batch1):
+            greedy_argmax = packed_bound(model, batch_size, chunk, stream[:timed_tokens], scoring="argmax")
+            greedy_max = packed_bound(model, batch_size, chunk, stream[:timed_tokens], scoring="max")
+            for function in (bound, bound_scoring, batch1, greedy_argmax, greedy_max):
                 function.warm()
         seconds, _ = naive_run()
         times["naive"].append(seconds)
@@ -206,10 +220,15 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         times["bound"].append(bound())
         times["bound_scoring"].append(bound_scoring())
         times["bound_batch1"].append(batch1())
+        times["scoring_greedy_argmax"].append(greedy_argmax())
+        times["scoring_greedy_max"].append(greedy_max())
 
     med = {name: common.median(values) for name, values in times.items()}
     engine_score = common.median(engine_score_s)
-    rate = {name: run.tokens / med[name] for name, run in (("bound", bound), ("bound_scoring", bound_scoring), ("bound_batch1", batch1))}
+    rate = {name: run.tokens / med[name] for name, run in (
+        ("bound", bound), ("bound_scoring", bound_scoring), ("bound_batch1", batch1),
+        ("scoring_greedy_argmax", greedy_argmax), ("scoring_greedy_max", greedy_max))}
+    padded_rate = timers[0].padded_tokens / engine_score if timers[0].padded_tokens else None
     per_kind = {}
     for kind in kinds_engine[0]:
         e = common.median([k[kind]["seconds"] for k in kinds_engine])
@@ -261,6 +280,18 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         "engine_score_s": engine_score,
         "outside_engine_fraction": 1.0 - engine_score / med["engine"],
         "per_request_type": per_kind,
+        "diagnostics": {
+            "engine_padded_tokens_per_s_in_score": padded_rate,
+            "engine_step_efficiency_vs_bound_scoring": padded_rate / rate["bound_scoring"] if padded_rate else None,
+            "packed_scoring_greedy_argmax_tokens_per_s": rate["scoring_greedy_argmax"],
+            "packed_scoring_greedy_max_tokens_per_s": rate["scoring_greedy_max"],
+            "greedy_argmax_cost": rate["bound_scoring"] / rate["scoring_greedy_argmax"],
+            "greedy_max_cost": rate["bound_scoring"] / rate["scoring_greedy_max"],
+            "reading": "fraction_of_bound ~= engine_padding_efficiency * engine_step_efficiency_vs_bound_scoring "
+            "* (1 - outside_engine_fraction) * bound_scoring/bound rate; greedy_*_cost = time of a packed "
+            "scoring step with the all-greedy flag / without it (argmax: as the engine computes it; max: "
+            "target logit >= max logit)",
+        },
         "overlap": {
             "input_wait_s": common.median(blocked),
             "engine_score_s": engine_score,
