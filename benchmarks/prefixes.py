@@ -17,7 +17,43 @@ from . import common
 
 SIZES = {"quick": 120, "full": 400}  # questions
 REPEATS = {"quick": 3, "full": 5}
+DIAGNOSTIC_CHUNK = 16
+DIAGNOSTIC_REPEATS = {"quick": 1, "full": 3}
 NUM_FEWSHOT = 5
+
+
+def _chunk_diagnostic(model, tokenizer, directory: Path, task: str, config, repeats: int) -> dict:
+    """The same comparison at a small chunk size: a continuation piece of ~13 tokens is padded to
+    the chunk, so at chunk 64 most of the branch compute is padding. Shows what the padding costs."""
+    common.log(f"B2: diagnostic at chunk size {DIAGNOSTIC_CHUNK}")
+    lms, recorders = {}, {}
+    for share in (True, False):
+        settings, _ = common.engine_settings(batch_size=8, chunk_size=DIAGNOSTIC_CHUNK, share_prefixes=share)
+        lms[share] = common.make_lm(model, tokenizer, settings)
+        recorders[share] = common.ScoreRecorder(lms[share].engine)
+        common.evaluate_lm(lms[share], common.eval_config([task], directory, num_fewshot=NUM_FEWSHOT, limit_requests=4))
+    seconds = {True: [], False: []}
+    engine_seconds = {True: [], False: []}
+    padded = {}
+    for _ in range(repeats):
+        for share in (False, True):
+            recorder = recorders[share]
+            recorder.reset()
+            with common.timed_batches() as timer:
+                start = time.perf_counter()
+                common.evaluate_lm(lms[share], config)
+                seconds[share].append(time.perf_counter() - start)
+            engine_seconds[share].append(recorder.seconds)
+            padded[share] = timer.padded_tokens
+    return {
+        "chunk_size": DIAGNOSTIC_CHUNK,
+        "repeats": repeats,
+        "seconds_with_sharing": common.median(seconds[True]),
+        "seconds_without_sharing": common.median(seconds[False]),
+        "speedup": common.median(seconds[False]) / common.median(seconds[True]),
+        "engine_speedup": common.median(engine_seconds[False]) / common.median(engine_seconds[True]),
+        "padded_tokens_ratio": padded[False] / padded[True] if padded[True] else None,
+    }
 
 
 def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
@@ -65,6 +101,7 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
                 recorder = runs[share][1]
                 snapshot[share] = (recorder.requests, recorder.loglik(), recorder.greedy())
 
+    diagnostic = _chunk_diagnostic(model, tokenizer, directory, task, config, DIAGNOSTIC_REPEATS[mode])
     requests = snapshot[True][0]
     assert requests == snapshot[False][0], "both settings must see the same requests"
     diff = np.abs(snapshot[True][1] - snapshot[False][1])
@@ -109,6 +146,7 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
         "greedy_identical": bool(np.array_equal(snapshot[True][2], snapshot[False][2])),
         "acc": {"with_sharing": acc[True], "without_sharing": acc[False]},
         "compilations": {"with_sharing": runs[True][0].engine.compilations, "without_sharing": runs[False][0].engine.compilations},
+        "diagnostic_chunk_size_16": diagnostic,
         "targets": {"model_tokens_ratio": ">= 2.5", "speedup": ">= 2", "max_abs_loglik_diff": "<= 1e-4"},
         "definitions": {
             "model_tokens_ratio": "engine.model_tokens (real tokens through the model) without / with share_prefixes, one evaluation each",

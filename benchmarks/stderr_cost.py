@@ -32,7 +32,6 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
     model, _ = common.reference_model(preset)
     settings, _ = common.engine_settings(batch_size=8, chunk_size=64)
     lm = common.make_lm(model, tokenizer, settings)
-    recorder = common.ScoreRecorder(lm.engine)
     watch = common.Stopwatch()
 
     def timed(function):

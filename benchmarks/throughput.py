@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import common
-from .common import StreamTimer
 from .naive import NaiveEngine
 
 SIZES = {
