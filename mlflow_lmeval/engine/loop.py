@@ -38,7 +38,7 @@ class EngineSettings:
     debug: bool = False
     generation_block: int = 16  # tokens decoded per host check of the stop conditions
     share_prefixes: bool = True  # recurrent mode: run a context shared by several requests once
-    prefix_block: int = 256  # shared contexts whose states are held at once (bounds memory)
+    prefix_block: int = 64  # shared contexts whose states are held at once (bounds memory)
 
 
 class NonFiniteLogits(UserError):
@@ -86,6 +86,12 @@ class Engine:
         self.model_tokens = 0  # real (unpadded) tokens the model has processed
         self._step = jax.jit(self._step_body, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_body, static_argnums=(3,))
+        # Fixed-shape reads and writes of the prefix-state table, so they compile once.
+        self._take_states = jax.jit(lambda table, rows: jax.tree.map(lambda leaf: leaf[rows], table))
+        self._put_states = jax.jit(
+            lambda table, rows, state: jax.tree.map(lambda leaf, new: leaf.at[rows].set(new), table, state),
+            donate_argnums=(0,),
+        )
 
     # ---- device functions -------------------------------------------------------------
     def _step_body(self, params, state, totals, offset, inputs, targets, valid, scored, last):
@@ -94,17 +100,22 @@ class Engine:
         logits = logits.astype(jnp.float32)
         if self.settings.debug:
             logits = logits * DEBUG_LOGIT_SCALE
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        positions = offset + jnp.arange(inputs.shape[1])
-        at_last = positions[None, :] == last[:, None]
+        target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        max_logits = logits.max(axis=-1)
+        target_log_probs = target_logits - jax.nn.logsumexp(logits, axis=-1)
+        # Greedy means the target has the top logit; comparing with the max is much cheaper on
+        # CPU than an argmax over the vocabulary at every position.
+        is_greedy = target_logits >= max_logits
+        # The only argmax needed is at each row's last real position: the next token to generate.
+        in_chunk = jnp.clip(last - offset, 0, inputs.shape[1] - 1)
+        ends_here = (last >= offset) & (last < offset + inputs.shape[1])
+        last_logits = jnp.take_along_axis(logits, in_chunk[:, None, None], axis=1)[:, 0]
         totals = {
             "loglik": totals["loglik"] + jnp.where(scored, target_log_probs, 0.0).sum(-1),
             "num_tokens": totals["num_tokens"] + scored.sum(-1, dtype=jnp.int32),
-            "greedy": totals["greedy"] & jnp.all(~scored | (argmax == targets), axis=-1),
+            "greedy": totals["greedy"] & jnp.all(~scored | is_greedy, axis=-1),
             "nonfinite": totals["nonfinite"] | jnp.any(scored & ~jnp.isfinite(target_log_probs), axis=-1),
-            "next_token": jnp.where(at_last.any(-1), jnp.where(at_last, argmax, 0).sum(-1), totals["next_token"]),
+            "next_token": jnp.where(ends_here, jnp.argmax(last_logits, axis=-1).astype(jnp.int32), totals["next_token"]),
         }
         return state, totals
 
@@ -122,9 +133,17 @@ class Engine:
 
     # ---- host loop ----------------------------------------------------------------------
     def _bucket(self, length: int) -> int:
-        if self.model.recurrent:
-            return round_up(length, self.settings.chunk_size)
-        return power_of_two_bucket(length, maximum=self.max_length)
+        """The padded length of a batch whose longest row has ``length`` tokens."""
+        chunk = self.settings.chunk_size
+        if not self.model.recurrent:
+            return power_of_two_bucket(length, maximum=self.max_length)
+        if length < chunk and chunk > 16:
+            # Short rows (multiple-choice branches, short requests) get a short chunk instead of
+            # being padded to a full one: at most two more step shapes (16 and 32, ...).
+            bucket = power_of_two_bucket(length)
+            if bucket < chunk:
+                return bucket
+        return round_up(length, chunk)
 
     def _run_batch(self, batch: dict[str, np.ndarray], states=None):
         """Dispatch every chunk of one batch; returns device arrays (state, totals) without waiting.
@@ -135,14 +154,14 @@ class Engine:
         rows, length = batch["inputs"].shape
         self.model_tokens += int(batch["valid"].sum())
         if states is not None:
-            state = jax.device_put(jax.tree.map(lambda table: table[batch["state_idx"]], states), self._rows)
+            state = jax.device_put(self._take_states(states, batch["state_idx"]), self._rows)
         elif self.model.recurrent:
             state = jax.device_put(self.model.init_state(rows), self._rows)
         else:
             state = None
         totals = jax.device_put(_zeros_totals(rows), self._rows)
         last = jax.device_put(batch["last"], self._rows)
-        chunk = self.settings.chunk_size if self.model.recurrent else length
+        chunk = min(self.settings.chunk_size, length) if self.model.recurrent else length
         for start in range(0, length, chunk):
             part = [jax.device_put(batch[name][:, start : start + chunk], self._rows) for name in ("inputs", "targets", "valid", "scored")]
             state, totals = self._step(self.params, state, totals, np.int32(start), *part, last)
@@ -201,21 +220,24 @@ class Engine:
 
     def prefix_states(self, prefixes: list[np.ndarray]):
         """The state after each prefix, as a table whose row 0 is the fresh state and row k the
-        state after ``prefixes[k - 1]`` (a masked tail leaves each row's state as it ended)."""
+        state after ``prefixes[k - 1]`` (a masked tail leaves each row's state as it ended).
+
+        The table always has ``prefix_block + 2`` rows (the last one takes padding rows), so its
+        reads and writes compile once.
+        """
+        if len(prefixes) > self.settings.prefix_block:
+            raise ValueError(f"at most {self.settings.prefix_block} prefixes at a time, got {len(prefixes)}")
         pieces = [Piece(k, 0, prefix, np.zeros_like(prefix), 0) for k, prefix in enumerate(prefixes, start=1)]
-        rows, order = [], []
+        scratch = self.settings.prefix_block + 1
+        table = self.model.init_state(scratch + 1)
 
         def keep(batch, _totals, state):
-            real = batch["document_idx"] > 0
-            rows.append(jax.tree.map(lambda leaf: leaf[np.flatnonzero(real)], state))
-            order.extend(batch["document_idx"][real])
+            nonlocal table
+            rows = np.where(batch["document_idx"] > 0, batch["document_idx"], scratch).astype(np.int32)
+            table = self._put_states(table, rows, state)
 
         self._run(pieces, keep)
-        fresh = self.model.init_state(1)
-        table = jax.tree.map(lambda first, *parts: jnp.concatenate([first, *parts]), fresh, *rows)
-        placement = np.zeros(len(prefixes) + 1, np.int64)
-        placement[np.asarray(order)] = np.arange(1, len(order) + 1)
-        return jax.tree.map(lambda leaf: leaf[placement], table)
+        return table
 
     def score(self, requests: list[tuple[list[int], list[int]]]) -> DocumentResults:
         """(context, continuation) token lists -> per-request log-likelihood, token count, greedy."""
