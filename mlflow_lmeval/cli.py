@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        print(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(f"internal error: {type(error).__name__}: {first_line} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 
