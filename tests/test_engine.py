@@ -192,3 +192,10 @@ def test_shared_contexts_run_once_and_give_the_same_results(checkpoint, long_doc
     assert plain_tokens / shared_tokens > 1.5
     for (context, continuation), loglik in list(zip(requests, shared.loglik))[:8]:
         assert loglik == pytest.approx(naive_loglikelihood(checkpoint, context, continuation)[0], rel=1e-5, abs=1e-4)
+
+
+def test_worker_processes_give_the_same_results(checkpoint, requests, reference):
+    """worker_count > 0 materializes batches in grain worker processes."""
+    result = score(checkpoint, requests[3:], chunk_size=64, batch_size=8, worker_count=1, worker_buffer_size=2)
+    np.testing.assert_allclose(result.loglik, reference.loglik[3:], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(result.greedy, reference.greedy[3:])
