@@ -67,7 +67,15 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
                 model = mlstm.as_language_model(model_config, params)
                 return evaluate_model(model, tokenizer, live.config, show_progress=False)
 
-            on_step = LMEvalCallback(evaluate_live, every_n_steps=live.every, tracking_uri=tracking.tracking_uri).callback
+            if tracking.enabled:
+                on_step = LMEvalCallback(evaluate_live, every_n_steps=live.every, tracking_uri=tracking.tracking_uri).callback
+            else:
+                def on_step(step, params):  # no MLflow: show the scores, spool nothing
+                    if step % live.every == 0:
+                        from .tracking import flatten_metrics
+
+                        scores = flatten_metrics(evaluate_live(params))
+                        print(f"step {step} lm-eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scores.items())), flush=True)
         return train(tokens, tokenizer, model_config, settings, output_dir,
                      mlflow_run_id=getattr(run, "run_id", None), on_log=log, on_checkpoint=checkpointed, on_step=on_step)
 
