@@ -83,7 +83,9 @@ class JaxLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         for request in requests:
             context, continuation = request.args
-            if not self.tok_encode(continuation):
+            # TemplateLM indexes the encoded continuation of an empty context before we see it;
+            # every other empty continuation is caught in _loglikelihood_tokens without encoding twice.
+            if context == "" and not self.tok_encode(continuation):
                 raise UserError(f"request {_describe(request)} has a continuation that tokenizes to nothing: {continuation!r}")
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         self._record(requests, [loglik for loglik, _ in results])
@@ -101,6 +103,9 @@ class JaxLM(TemplateLM):
             raise UserError(f"the model produced NaN or inf log-probabilities for {described(error.document_idx - 1)}") from None
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        for (context, continuation), _, continuation_tokens in requests:
+            if not continuation_tokens:
+                raise UserError(f"the request with context {context[-60:]!r} has a continuation that tokenizes to nothing: {continuation!r}")
         encoded = [(context, continuation) for _, context, continuation in requests]
         results = self._score(encoded, lambda i: f"context {requests[i][0][0][-60:]!r} + continuation {requests[i][0][1][:60]!r}")
         self._last_token_counts = [int(n) for n in results.num_tokens]

@@ -244,22 +244,22 @@ class Engine:
         from ..response_cache import request_key
 
         shared = self.recurrent and self.settings.share_prefixes
-        pieces = share_contexts(requests)[1] if shared else make_pieces(requests, self.max_length)
-        counts = np.bincount([p.document_idx - 1 for p in pieces], minlength=len(requests))
-        keys, parts = None, []
+        # With shared contexts every request is exactly one piece, built later for what is left.
+        pieces = None if shared else make_pieces(requests, self.max_length)
+        slots = [(d, 0) for d in range(1, len(requests) + 1)] if shared else [(p.document_idx, p.sequence_idx) for p in pieces]
+        counts = np.bincount([d - 1 for d, _ in slots], minlength=len(requests))
+        keys, parts, done = None, [], set()
         if self.cache is not None:
             keys = [request_key(self.cache_namespace, context, continuation) for context, continuation in requests]
-            stored = self.cache.get_pieces((keys[p.document_idx - 1], p.sequence_idx) for p in pieces)
-            done = [p for p in pieces if (keys[p.document_idx - 1], p.sequence_idx) in stored]
-            if done:
-                values = [stored[keys[p.document_idx - 1], p.sequence_idx] for p in done]
-                parts.append(PieceResults(np.array([p.document_idx for p in done]), np.array([p.sequence_idx for p in done]),
-                                          *(np.array(column) for column in zip(*values))))
-            pieces = [p for p in pieces if (keys[p.document_idx - 1], p.sequence_idx) not in stored]
+            stored = self.cache.get_pieces((keys[d - 1], q) for d, q in slots)
+            found = [(d, q, *stored[keys[d - 1], q]) for d, q in slots if (keys[d - 1], q) in stored]
+            if found:
+                parts.append(PieceResults(*(np.array(column) for column in zip(*found))))
+            done = {(d, q) for d, q, *_ in found}
         if shared:
-            parts.extend(self._score_shared(requests, {p.document_idx for p in pieces}, keys))
+            parts.extend(self._score_shared(requests, {d for d, q in slots if (d, q) not in done}, keys))
         else:
-            parts.append(self.score_pieces(pieces, keys=keys))
+            parts.append(self.score_pieces([p for p in pieces if (p.document_idx, p.sequence_idx) not in done], keys=keys))
         return fuse_document_results(PieceResults.concatenate(parts), counts)
 
     def _score_shared(self, requests, pending: set[int], keys) -> list[PieceResults]:
