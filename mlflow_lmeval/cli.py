@@ -109,9 +109,29 @@ def _cmd_evaluate(args) -> None:
         response_cache=not args.no_cache,
         response_cache_path=args.cache_path,
     )
-    from .workflows import evaluate_and_publish
+    from .engine import distributed
 
-    results, outcome = evaluate_and_publish(args.checkpoint, config, _tracking(args), training_run_id=args.training_run_id)
+    cluster = distributed.DistributedSettings.from_env(args.coordinator_address, args.num_processes, args.process_id,
+                                                       args.distributed)
+    distributed.initialize(cluster)
+    try:
+        if not distributed.is_leader():
+            from .evaluation import serve_checkpoint
+
+            # Only process 0 runs lm-eval, writes results and talks to MLflow.
+            count = serve_checkpoint(args.checkpoint)
+            import jax
+
+            print(f"process {jax.process_index()} served {count} engine call(s) for process 0")
+            return
+        from .workflows import evaluate_and_publish
+
+        try:
+            results, outcome = evaluate_and_publish(args.checkpoint, config, _tracking(args), training_run_id=args.training_run_id)
+        finally:
+            distributed.stop_followers()
+    finally:
+        distributed.shutdown()
     from lm_eval.utils import make_table
 
     print(make_table(results))
@@ -208,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no_cache", action="store_true", help="neither read nor write the resumable response cache")
     ev.add_argument("--cache_path", help="response cache file (default: $MLFLOW_LMEVAL_CACHE/responses.sqlite)")
     ev.add_argument("--training_run_id", help="the MLflow training run (default: the checkpoint's metadata)")
+    multihost = ev.add_argument_group("multi-host evaluation (docs/multihost.md)")
+    multihost.add_argument("--coordinator_address", metavar="HOST:PORT",
+                           help="process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS)")
+    multihost.add_argument("--num_processes", type=_positive_int, help="processes in the run, one per host (default: $MLFLOW_LMEVAL_NUM_PROCESSES)")
+    multihost.add_argument("--process_id", type=int, help="this process, 0 to num_processes-1; 0 runs lm-eval (default: $MLFLOW_LMEVAL_PROCESS_ID)")
+    multihost.add_argument("--distributed", action="store_true",
+                           help="join a run whose settings JAX detects (TPU pods, SLURM, Open MPI)")
     _add_tracking_flags(ev, "evaluation run (default: the training run's)")
     ev.set_defaults(func=_cmd_evaluate)
 

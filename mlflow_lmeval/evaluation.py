@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import EvalConfig
 from .errors import UserError
+from .paths import cache_root
 
 RESULTS_FILE = "results.json"
 
@@ -19,7 +20,7 @@ def configure_environment(cache_dir: str | os.PathLike | None = None) -> None:
 
     Must run before lm_eval is imported: it reads its cache location at import time.
     """
-    cache_dir = Path(cache_dir or os.environ.get("MLFLOW_LMEVAL_CACHE", Path.home() / ".cache" / "mlflow_lmeval"))
+    cache_dir = Path(cache_dir) if cache_dir else cache_root()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HOME", str(cache_dir / "hf"))
@@ -200,3 +201,12 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, sh
         "mlflow_run_id": checkpoint.mlflow_run_id,
     }
     return evaluate_model(checkpoint.model, tokenizer, config, identity, show_progress=show_progress)
+
+
+def serve_checkpoint(checkpoint_dir: str | os.PathLike) -> int:
+    """A process other than 0 in a multi-host evaluation: run process 0's engine calls on this
+    process's devices until it is done. Returns the number of calls served."""
+    from .engine.distributed import serve
+    from .models.checkpoint import load_checkpoint
+
+    return serve(lambda: load_checkpoint(checkpoint_dir).model)

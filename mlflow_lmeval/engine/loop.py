@@ -5,6 +5,10 @@ device: the sum of scored target log-probabilities, the number of scored targets
 scored target was the argmax, whether anything was non-finite, and the argmax after the row's
 last real position (the first token a generation would produce). The host reads the totals once
 per batch. The batch axis is sharded over a ``data`` mesh axis spanning every device.
+
+With several JAX processes (``distributed.py``) the mesh spans every process's devices; process 0
+broadcasts each ``score``/``generate`` call before making it, and the others make the same call
+from ``distributed.serve``. One process takes none of those detours.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ..errors import UserError
 from ..models.protocol import LanguageModel
+from . import distributed
 from .batching import BatchPlan, MaterializeBatch, batch_stream, plan_batches, power_of_two_bucket, round_up
 from .fuse import DocumentResults, PieceResults, fuse_document_results
 from .requests import Piece, make_pieces, share_contexts
@@ -77,11 +82,24 @@ class Engine:
             self.max_length = int(length)
         else:
             self.max_length = None
-        devices = jax.devices()
+        devices = jax.devices()  # every process's devices when several processes run
         self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.batch_size = round_up(settings.batch_size, len(devices))
         self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.multiprocess = jax.process_count() > 1
+        # Only process 0 broadcasts; the others are driven by distributed.serve.
+        self._leads = self.multiprocess and distributed.is_leader()
+        if self.multiprocess:
+            self._put = distributed.put_global
+            # A row-sharded result spans other processes' devices and cannot be fetched;
+            # replicated, every process holds all of it.
+            self._host = jax.jit(lambda tree: tree, out_shardings=replicated)
+            self.params = distributed.put_global(model.params, replicated)
+        else:
+            self._put = jax.device_put
+            self._host = None
+            self.params = jax.device_put(model.params, replicated)
         self.compilations = 0
         self.model_tokens = 0  # real (unpadded) tokens the model has processed
         self._step = jax.jit(self._step_body, donate_argnums=(1, 2))
@@ -92,6 +110,31 @@ class Engine:
             lambda table, rows, state: jax.tree.map(lambda leaf, new: leaf.at[rows].set(new), table, state),
             donate_argnums=(0,),
         )
+        if self._leads:
+            distributed.send("engine", settings)
+
+    def _fetch(self, tree):
+        """Device results as numpy on this process."""
+        if self._host is None:
+            return jax.device_get(tree)
+        return jax.device_get(self._host(tree))
+
+    def _agree(self, values: list[bool]) -> list[bool]:
+        """Process 0's decision on every process, where only it can decide (stop strings need its
+        tokenizer); the list is padded to the batch size so its broadcast compiles once."""
+        if not self.multiprocess:
+            return values
+        padded = np.zeros(self.batch_size, bool)
+        padded[: len(values)] = values
+        return [bool(v) for v in distributed.from_leader(padded)[: len(values)]]
+
+    def run_command(self, name: str, args: tuple):
+        """A call that process 0 broadcast (see distributed.serve)."""
+        if name == "score":
+            return self._score_missing(*args)
+        if name == "generate":
+            return self._generate_all(*args, finished=None, on_done=None)
+        raise ValueError(f"unknown engine command {name!r}")
 
     # ---- device functions -------------------------------------------------------------
     def _step_body(self, params, state, totals, offset, inputs, targets, valid, scored, last):
@@ -156,14 +199,14 @@ class Engine:
         if states is not None:
             state = jax.device_put(self._take_states(states, batch["state_idx"]), self._rows)
         elif self.model.recurrent:
-            state = jax.device_put(self.model.init_state(rows), self._rows)
+            state = self._put(self.model.init_state(rows), self._rows)
         else:
             state = None
-        totals = jax.device_put(_zeros_totals(rows), self._rows)
-        last = jax.device_put(batch["last"], self._rows)
+        totals = self._put(_zeros_totals(rows), self._rows)
+        last = self._put(batch["last"], self._rows)
         chunk = min(self.settings.chunk_size, length) if self.model.recurrent else length
         for start in range(0, length, chunk):
-            part = [jax.device_put(batch[name][:, start : start + chunk], self._rows) for name in ("inputs", "targets", "valid", "scored")]
+            part = [self._put(batch[name][:, start : start + chunk], self._rows) for name in ("inputs", "targets", "valid", "scored")]
             state, totals = self._step(self.params, state, totals, np.int32(start), *part, last)
         return state, totals
 
@@ -184,7 +227,7 @@ class Engine:
 
         def finish(batch, totals, state):
             nonlocal done
-            on_batch(batch, jax.device_get(totals), state)
+            on_batch(batch, self._fetch(totals), state)
             done += int(batch["valid"].sum())
             if self.progress:
                 self.progress(done, total)
@@ -230,6 +273,8 @@ class Engine:
         pieces = [Piece(k, 0, prefix, np.zeros_like(prefix), 0) for k, prefix in enumerate(prefixes, start=1)]
         scratch = self.settings.prefix_block + 1
         table = self.model.init_state(scratch + 1)
+        if self.multiprocess:
+            table = self._put(table, NamedSharding(self.mesh, PartitionSpec()))
 
         def keep(batch, _totals, state):
             nonlocal table
@@ -256,11 +301,23 @@ class Engine:
             if found:
                 parts.append(PieceResults(*(np.array(column) for column in zip(*found))))
             done = {(d, q) for d, q, *_ in found}
-        if shared:
-            parts.extend(self._score_shared(requests, {d for d, q in slots if (d, q) not in done}, keys))
-        else:
-            parts.append(self.score_pieces([p for p in pieces if (p.document_idx, p.sequence_idx) not in done], keys=keys))
+        missing = [(d, q) for d, q in slots if (d, q) not in done] if done else None
+        if self._leads:
+            distributed.send("score", requests, missing)
+        parts.extend(self._score_missing(requests, missing, keys, pieces))
         return fuse_document_results(PieceResults.concatenate(parts), counts)
+
+    def _score_missing(self, requests, missing: list[tuple[int, int]] | None, keys=None, pieces=None) -> list[PieceResults]:
+        """The device work of ``score``: the (document, piece) slots in ``missing`` (None: all)."""
+        if self.recurrent and self.settings.share_prefixes:
+            pending = set(range(1, len(requests) + 1)) if missing is None else {d for d, _ in missing}
+            return self._score_shared(requests, pending, keys)
+        if pieces is None:
+            pieces = make_pieces(requests, self.max_length)
+        if missing is not None:
+            wanted = set(missing)
+            pieces = [p for p in pieces if (p.document_idx, p.sequence_idx) in wanted]
+        return [self.score_pieces(pieces, keys=keys)]
 
     def _score_shared(self, requests, pending: set[int], keys) -> list[PieceResults]:
         """Score the ``pending`` documents (1-based), running each shared context once."""
@@ -287,6 +344,12 @@ class Engine:
         ``on_done(index, tokens)`` is called as each batch of contexts finishes."""
         if max_new_tokens < 1 or not contexts:
             return [[] for _ in contexts]
+        if self._leads:
+            distributed.send("generate", contexts, max_new_tokens)
+        return self._generate_all(contexts, max_new_tokens, finished, on_done)
+
+    def _generate_all(self, contexts, max_new_tokens, finished, on_done):
+        """``finished`` is None on the processes that follow process 0: they take its decisions."""
         generate = self._generate_recurrent if self.recurrent else self._generate_windowed
         results: list[list[int]] = [None] * len(contexts)  # type: ignore[list-item]
         order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
@@ -308,19 +371,21 @@ class Engine:
         batch = single_batch(pieces, self.batch_size, self._bucket)
         state, totals = self._run_batch(batch)
         token = totals["next_token"]
-        outputs = [[int(t)] for t in jax.device_get(token)[: len(contexts)]]
-        done = [finished(o) or max_new_tokens <= 1 for o in outputs]
+        outputs = [[int(t)] for t in self._fetch(token)[: len(contexts)]]
+        done = self._agree([max_new_tokens <= 1 or (finished is not None and finished(o)) for o in outputs])
         produced = 1
         while not all(done) and produced < max_new_tokens:
             steps = self.settings.generation_block
             state, token, block = self._decode(self.params, state, token, steps)
-            block = jax.device_get(block)
+            block = self._fetch(block)
             for row, output in enumerate(outputs):
                 for value in block[row][: max_new_tokens - produced]:
                     if done[row]:
                         break
                     output.append(int(value))
-                    done[row] = finished(output)
+                    if finished is not None:
+                        done[row] = finished(output)
+            done = self._agree(done)
             produced += steps
         return [o[:max_new_tokens] for o in outputs]
 
@@ -336,10 +401,11 @@ class Engine:
             windows = [sequences[i][-self.max_length :] for i in active]
             batch = single_batch(self._prefill_pieces(windows), self.batch_size, self._bucket)
             _, totals = self._run_batch(batch)
-            for i, value in zip(active, jax.device_get(totals["next_token"])):
+            for i, value in zip(active, self._fetch(totals["next_token"])):
                 sequences[i].append(int(value))
                 outputs[i].append(int(value))
-                done[i] = finished(outputs[i])
+                done[i] = finished is not None and finished(outputs[i])
+            done = self._agree(done)
         return outputs
 
 

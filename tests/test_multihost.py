@@ -1,0 +1,167 @@
+"""B6: multi-host evaluation with ``jax.distributed``; two processes give what one process gives.
+
+Two local processes join over gloo on 127.0.0.1 (a free port picked here), one CPU device each,
+so the engine's mesh spans both processes. Process 0 drives; process 1 only serves. They score
+the mixed requests of tests/test_multidevice.py (a long document, short pairs, choices sharing a
+context), with shared prefixes on and off, in fixed-context windows too, and generate with and
+without a stop condition that only process 0 can evaluate. A single process runs the same script
+as the reference. Every process is a subprocess with a deadline and is killed by its PID if it
+outlives the test.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEADLINE_S = 240
+
+SCRIPT = r"""
+import json, sys, time
+num_processes, process_id, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+from mlflow_lmeval.engine import distributed
+distributed.initialize(distributed.DistributedSettings(f"127.0.0.1:{port}", num_processes, process_id).validate())
+import jax
+import numpy as np
+from mlflow_lmeval.engine.loop import Engine, EngineSettings
+from mlflow_lmeval.models import mlstm
+
+config = mlstm.MLSTMConfig(vocab_size=300, embed_dim=32, num_layers=2, num_heads=2).validate()
+model = mlstm.as_language_model(config, mlstm.init_params(config, seed=0))
+if not distributed.is_leader():
+    served = distributed.serve(lambda: model)
+    distributed.shutdown()
+    print("SERVED " + json.dumps({"commands": served, "devices": jax.device_count()}))
+    sys.exit(0)
+
+rng = np.random.default_rng(0)
+
+def tokens(n):
+    return rng.integers(4, 300, n).tolist()
+
+requests = [([1], tokens(333)), ([1], tokens(90))]
+requests += [(tokens(int(n)), tokens(int(m))) for n, m in zip(rng.integers(1, 60, 9), rng.integers(1, 9, 9))]
+for _ in range(2):  # multiple choice: four continuations of one context
+    context = tokens(int(rng.integers(20, 70)))
+    requests += [(context, tokens(int(m))) for m in rng.integers(1, 6, 4)]
+requests += [([1], tokens(1)), ([7], tokens(5))]
+contexts = [c for c, _ in requests[:5]]
+
+def stops(generated):  # a stop rule only process 0 knows, like lm-eval's stop strings
+    return len(generated) >= 2 and generated[-1] % 3 == 0
+
+started = time.perf_counter()
+out = {"devices": jax.device_count(), "processes": jax.process_count(), "runs": {}}
+settings = {
+    "shared": EngineSettings(batch_size=8, chunk_size=16, share_prefixes=True),
+    "unshared": EngineSettings(batch_size=8, chunk_size=16, share_prefixes=False),
+    "windows": EngineSettings(batch_size=8, infinite=False, context_length=32),
+}
+for name, setting in settings.items():
+    engine = Engine(model, setting)
+    result = engine.score(requests)
+    steps = 3 if name == "windows" else 6
+    out["mesh_devices"] = int(engine.mesh.devices.size)
+    out["runs"][name] = {
+        "loglik": [float(x) for x in result.loglik],
+        "num_tokens": [int(x) for x in result.num_tokens],
+        "greedy": [bool(x) for x in result.greedy],
+        "generated": engine.generate(contexts, steps, lambda t: False),
+        "stopped": engine.generate(contexts, steps, stops),
+    }
+out["work_s"] = time.perf_counter() - started
+distributed.stop_followers()
+distributed.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_processes(count: int, command, tmp_path: Path, env_extra=None, deadline_s: float = DEADLINE_S):
+    """Start ``command(process_id, port)`` for every process; returns (return codes, outputs).
+
+    Output goes to files, not pipes, so a chatty process cannot block on a full pipe while
+    another waits for it in a collective.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})})
+    port = free_port()
+    processes, logs = [], []
+    try:
+        for process_id in range(count):
+            log = open(tmp_path / f"process_{count}_{process_id}.log", "w+")
+            logs.append(log)
+            processes.append(subprocess.Popen(command(process_id, port), cwd=REPO, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, text=True))
+        end = time.monotonic() + deadline_s
+        codes = [process.wait(timeout=max(1.0, end - time.monotonic())) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    return codes, outputs
+
+
+def _tagged(output: str, tag: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith(tag + " ")]
+    assert lines, output[-4000:]
+    return json.loads(lines[-1][len(tag) + 1 :])
+
+
+def run_script(count: int, tmp_path: Path) -> tuple[dict, list[dict]]:
+    codes, outputs = run_processes(count, lambda i, port: [sys.executable, "-c", SCRIPT, str(count), str(i), str(port)], tmp_path)
+    for code, output in zip(codes, outputs):
+        assert code == 0, output[-4000:]
+    return _tagged(outputs[0], "RESULT"), [_tagged(o, "SERVED") for o in outputs[1:]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("multihost")
+    # One after the other, so that each run's work_s is measured on an otherwise idle machine.
+    return run_script(1, directory), run_script(2, directory)
+
+
+def test_two_processes_share_one_mesh(runs):
+    (one, _), (two, served) = runs
+    assert one["processes"] == 1 and one["mesh_devices"] == 1
+    assert two["processes"] == 2 and two["mesh_devices"] == 2
+    # Process 1 saw every engine process 0 set up, and each one's score and two generate calls.
+    assert served == [{"commands": 3 * 4, "devices": 2}]
+
+
+def test_two_processes_give_the_results_of_one(runs):
+    (one, _), (two, _) = runs
+    assert one["runs"].keys() == two["runs"].keys() == {"shared", "unshared", "windows"}
+    for setting in one["runs"]:
+        a, b = one["runs"][setting], two["runs"][setting]
+        expected, actual = np.asarray(a["loglik"]), np.asarray(b["loglik"])
+        relative = np.abs(actual - expected) / np.maximum(1.0, np.abs(expected))
+        print(f"MULTIHOST setting={setting} requests={len(expected)} max_rel_loglik_diff={relative.max():.3g} "
+              f"one_process_s={one['work_s']:.2f} two_processes_s={two['work_s']:.2f}")
+        assert relative.max() <= 1e-5, f"{setting}: max |Δ loglik| / max(1, |loglik|) = {relative.max()}"
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["greedy"] == b["greedy"]
+        assert a["generated"] == b["generated"]
+        assert a["stopped"] == b["stopped"]
+    # The stop rule must have cut something short, or it tested nothing.
+    stopped = one["runs"]["shared"]["stopped"]
+    assert any(len(s) < 6 for s in stopped) and stopped != one["runs"]["shared"]["generated"]
