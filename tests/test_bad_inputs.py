@@ -125,3 +125,23 @@ def test_nan_logits_name_the_request(tokenizer):
                 Instance("loglikelihood", {}, ("Then " + poisoned, " boom"), 1, ("toy", 1, 1))]
     with pytest.raises(UserError, match="NaN or inf log-probabilities for context .*Then"):
         lm.loglikelihood(requests)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--num_processes", "2", "--process_id", "2", "--coordinator_address", "127.0.0.1:1234"],
+         "error: process_id must be below num_processes (2), got 2"),
+        (["--num_processes", "2", "--process_id", "0", "--coordinator_address", "127.0.0.1"],
+         "error: coordinator address must be HOST:PORT with a port from 1 to 65535, got '127.0.0.1'"),
+        (["--num_processes", "2", "--coordinator_address", "127.0.0.1:1234"], "error: a distributed run needs process_id too"),
+        (["--num_processes", "0"], "must be a positive integer, got 0"),
+    ],
+    ids=["process-id-too-large", "address-without-port", "missing-process-id", "zero-processes"],
+)
+def test_bad_multihost_options(tmp_path, options, message):
+    # Checked before any checkpoint is read or any process is contacted, so no fixture is needed.
+    code, last, err = run_cli("evaluate", "--checkpoint", tmp_path / "step_1", "--tasks", "t", "--output_path", tmp_path / "out",
+                              *options, timeout=120)
+    assert code == 2, err
+    assert message in last
