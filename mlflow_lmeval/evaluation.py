@@ -205,8 +205,12 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, sh
 
 def serve_checkpoint(checkpoint_dir: str | os.PathLike) -> int:
     """A process other than 0 in a multi-host evaluation: run process 0's engine calls on this
-    process's devices until it is done. Returns the number of calls served."""
+    process's devices until it is done. Returns the number of calls served.
+
+    The checkpoint is loaded at once, not when the first call arrives: orbax's restore holds a
+    barrier across all processes, which process 0 enters as its evaluation starts."""
     from .engine.distributed import serve
     from .models.checkpoint import load_checkpoint
 
-    return serve(lambda: load_checkpoint(checkpoint_dir).model)
+    model = load_checkpoint(checkpoint_dir).model
+    return serve(lambda: model)

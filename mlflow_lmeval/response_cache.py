@@ -21,14 +21,14 @@ from typing import Iterable
 import numpy as np
 
 from .errors import UserError
+from .paths import cache_root
 
 SCHEMA_VERSION = 1
 FILE_NAME = "responses.sqlite"
 
 
 def default_path() -> Path:
-    root = Path(os.environ.get("MLFLOW_LMEVAL_CACHE", Path.home() / ".cache" / "mlflow_lmeval"))
-    return root / FILE_NAME
+    return cache_root() / FILE_NAME
 
 
 def namespace(fingerprint: str, mode: str, debug: bool) -> str:

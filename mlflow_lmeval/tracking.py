@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .errors import UserError
+from .store_lock import store_lock
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -41,6 +43,9 @@ TAG_FINGERPRINT = "lmeval.fingerprint"
 TAG_TASK_DIGEST = "lmeval.task_config_digest"
 TAG_SETTINGS_DIGEST = "lmeval.settings_digest"
 TAG_MODEL_ID = "lmeval.model_id"
+TAG_PUBLISHER = "lmeval.publisher"  # host:pid of the process writing the run, to tell live from abandoned
+# A RUNNING run written from another machine is taken for abandoned after this long.
+ABANDONED_AFTER_S = 3600
 
 _NOT_METRICS = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
 # Settings that cannot change a score (where files go, how fast it runs); everything else,
@@ -513,10 +518,20 @@ def _translated(uri: str, doing: str) -> Iterator[None]:
         raise tracking_error(error, uri, doing) from error
 
 
+_opened_sqlite: set[str] = set()
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:") or uri in _opened_sqlite:
+        return MlflowClient(tracking_uri=uri)
+    # The first open of a new SQLite file migrates its schema; two processes at once fail.
+    with store_lock(uri, redact_uri(uri)):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    _opened_sqlite.add(uri)
+    return client
 
 
 def _sqlite_dir(uri: str) -> Path | None:
@@ -613,11 +628,12 @@ def checkpoint_info(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
 
 
 def _find_checkpoint_model(client, experiment_id: str, fingerprint: str):
+    """The checkpoint's model: the oldest with its fingerprint (twins sort by id after time)."""
     models = client.search_logged_models(
         experiment_ids=[experiment_id], filter_string=f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'",
         order_by=[{"field_name": "creation_timestamp", "ascending": True}],
     ).to_list()
-    return models[0] if models else None
+    return min(models, key=lambda m: (m.creation_timestamp, m.model_id)) if models else None
 
 
 def _ensure_model(client, experiment_id: str, info: Mapping[str, Any], training_run_id: str | None) -> str:
@@ -638,6 +654,12 @@ def _ensure_model(client, experiment_id: str, info: Mapping[str, Any], training_
             params={"step": str(info["step"]), "path": path, "fingerprint": info["fingerprint"]},
             model_type="checkpoint",
         )
+        # A publisher on another machine (outside our lock) may have created one meanwhile: keep
+        # the oldest, so both go on with the same model.
+        oldest = _find_checkpoint_model(client, experiment_id, info["fingerprint"])
+        if oldest is not None and oldest.model_id != model.model_id:
+            client.delete_logged_model(model.model_id)
+            model = oldest
     if model.status != LoggedModelStatus.READY:
         # New, or left PENDING by an attempt that died before finalising: finish it, make no twin.
         _write_external_model_spec(client, model)
@@ -689,9 +711,10 @@ def ensure_checkpoint_model(
     uri = resolve_tracking_uri(tracking_uri)
     with http_limits(max_retries, timeout), _translated(uri, f"registering checkpoint {info['path']}"):
         client = _client(uri)
-        parent = _get_run_or_none(client, training_run_id) if training_run_id else None
-        experiment_id = _resolve_experiment_id(client, uri, experiment, parent)
-        return _ensure_model(client, experiment_id, info, parent.info.run_id if parent else None)
+        with store_lock(uri, redact_uri(uri)):
+            parent = _get_run_or_none(client, training_run_id) if training_run_id else None
+            experiment_id = _resolve_experiment_id(client, uri, experiment, parent)
+            return _ensure_model(client, experiment_id, info, parent.info.run_id if parent else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,6 +826,55 @@ def _find_evaluation_runs(client, experiment_id: str, identity: str) -> list:
     ))
 
 
+def _publisher() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _is_abandoned(run) -> bool:
+    """Is this unfinished run a leftover of a publish that died, rather than one in progress?"""
+    if run.info.status != "RUNNING":
+        return True  # FAILED or KILLED: whoever wrote it has stopped
+    host, _, pid = (run.data.tags.get(TAG_PUBLISHER) or "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return int(pid) == os.getpid()  # our own, from an attempt that raised
+    return time.time() - run.info.start_time / 1000 > ABANDONED_AFTER_S
+
+
+def _keep_one_finished(client, experiment_id: str, identity: str):
+    """Delete all but one FINISHED run of an identity; return the one kept.
+
+    Publishers on different machines can each create a run for the same evaluation. Each calls
+    this after finishing its own, and all keep the smallest run id: whoever finishes last sees
+    every finished run, so exactly one survives. Their contents are equal (same results.json).
+    """
+    finished = sorted((r for r in _find_evaluation_runs(client, experiment_id, identity)
+                       if r.info.status == "FINISHED"), key=lambda r: r.info.run_id)
+    for duplicate in finished[1:]:
+        client.delete_run(duplicate.info.run_id)
+    return finished[0] if finished else None
+
+
+_CONFLICT_HINTS = ("integrityerror", "unique constraint", "duplicate key")
+
+
+def _retry_on_conflict(action: Callable[[], Any], attempts: int = 3) -> Any:
+    """MLflow's store creates a task's dataset row on first use without handling a concurrent
+    insert of the same row; a second try finds the row the other publisher made."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 - only a lost insert race is retried
+            if attempt == attempts - 1 or not any(hint in str(error).lower() for hint in _CONFLICT_HINTS):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _mark_failed(client, run_id: str) -> None:
     """Best effort, one quick try: a dead server cannot be told, and the next publish completes it."""
     with contextlib.suppress(Exception), http_limits(max_retries=0):
@@ -823,18 +895,21 @@ def _publish_evaluation(client, uri: str, results_dir: Path, results: dict, expe
     identity = evaluation_identity(results)
 
     runs = _find_evaluation_runs(client, experiment_id, identity[TAG_IDENTITY])
-    finished = [run for run in runs if run.info.status == "FINISHED"]
+    finished = sorted((run for run in runs if run.info.status == "FINISHED"), key=lambda r: r.info.run_id)
     if finished:
         run = finished[0]
         return PublishOutcome(run.info.run_id, False, run.data.tags.get(TAG_MODEL_ID), str(results_dir))
 
-    if runs:  # a RUNNING/FAILED/KILLED leftover of an interrupted publish: complete it
-        run = runs[0]
+    leftover = next((run for run in runs if _is_abandoned(run)), None)
+    if leftover is not None:  # an interrupted publish: complete it
+        run = leftover
+        client.set_tag(run.info.run_id, TAG_PUBLISHER, _publisher())
         client.update_run(run.info.run_id, status="RUNNING")
     else:
         from mlflow.tracking.context.registry import resolve_tags
 
-        tags = {**identity, **({"mlflow.parentRunId": parent.info.run_id} if parent else {})}
+        tags = {**identity, TAG_PUBLISHER: _publisher(),
+                **({"mlflow.parentRunId": parent.info.run_id} if parent else {})}
         run = client.create_run(experiment_id, run_name=f"eval-step-{step}",
                                 tags={t.key: t.value for t in _tag_list(resolve_tags(tags))})
     run_id = run.info.run_id
@@ -848,7 +923,8 @@ def _publish_evaluation(client, uri: str, results_dir: Path, results: dict, expe
     except BaseException:
         _mark_failed(client, run_id)
         raise
-    return PublishOutcome(run_id, True, model_id, str(results_dir))
+    kept = _keep_one_finished(client, experiment_id, identity[TAG_IDENTITY])
+    return PublishOutcome(kept.info.run_id, kept.info.run_id == run_id, model_id, str(results_dir))
 
 
 def _complete_run(client, run, results_dir: Path, results: dict, identity: Mapping[str, str],
@@ -864,8 +940,8 @@ def _complete_run(client, run, results_dir: Path, results: dict, identity: Mappi
     metrics = _metric_entities(results, step, timestamp, model_id, skip=run.data.metrics)
     tags = _tag_list(_run_tags(results, identity, training_run_id, step, model_id))
     _log_batch(client, run_id, params=params, tags=tags)
-    client.log_inputs(run_id, datasets=_dataset_inputs(results),
-                      models=[LoggedModelInput(model_id)] if model_id else None)
+    _retry_on_conflict(lambda: client.log_inputs(run_id, datasets=_dataset_inputs(results),
+                                                 models=[LoggedModelInput(model_id)] if model_id else None))
     _log_batch(client, run_id, metrics=metrics)
     with tempfile.TemporaryDirectory(prefix="lmeval-artifacts-") as directory:
         _write_artifacts(Path(directory), results_dir, results)
@@ -925,7 +1001,9 @@ def publish_results(
             created = log_live_metrics(live["run_id"], int(live.get("step") or 0), flatten_metrics(results),
                                        evaluation_timestamp_ms(results), uri)
             return PublishOutcome(live["run_id"], created, None, str(results_dir))
-        return _publish_evaluation(_client(uri), uri, results_dir, results, experiment, training_run_id)
+        client = _client(uri)
+        with store_lock(uri, redact_uri(uri)):
+            return _publish_evaluation(client, uri, results_dir, results, experiment, training_run_id)
 
 
 def find_results_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -1057,7 +1135,9 @@ class TrainingRun:
 
         def register():
             info = {**checkpoint_info(path), "step": int(step)}
-            return _ensure_model(_client(self.tracking_uri), self.experiment_id, info, self.run_id)
+            client = _client(self.tracking_uri)
+            with store_lock(self.tracking_uri, redact_uri(self.tracking_uri)):
+                return _ensure_model(client, self.experiment_id, info, self.run_id)
 
         return self._guarded(f"registering checkpoint {path}", register)
 

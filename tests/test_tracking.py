@@ -5,12 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_lmeval import tracking
+from servers import MlflowServer
 from mlflow_lmeval.tracking import (
     TrackingUnavailable,
     evaluation_identity,
@@ -465,58 +463,12 @@ def test_dvc_stage_context_tags_runs(store, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 in its own process group, stopped by its PID."""
-
-    def __init__(self, directory: Path, port: int):
-        self.directory, self.port, self.process = directory, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def start(self, timeout: float = 90.0) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.directory}/server.db",
-                   "--artifacts-destination", str(self.directory / "artifacts")]
-        log = open(self.directory / "server.log", "ab")
-        self.process = subprocess.Popen(command, cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # its own group: uvicorn runs as a child
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.directory / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.25)
-        self.stop()
-        raise RuntimeError("mlflow server did not become healthy")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "server").mkdir()
-    instance = MlflowServer(tmp_path / "server", _free_port())
+    instance = MlflowServer(tmp_path / "server")
     try:
         instance.start()
         yield instance

@@ -1,0 +1,72 @@
+"""One publisher at a time per tracking store, among the processes of one machine.
+
+MLflow has no atomic "find or create". Two publishers that both look for an evaluation's run (or
+a checkpoint's LoggedModel) before either has created it both create one, and the first process
+to open a new SQLite file migrates its schema, so several at once fail with "duplicate column".
+An exclusive ``flock`` per store closes both races on this machine. The kernel drops the lock
+when its holder dies, so a killed publisher never leaves it held. Publishers on other machines do
+not see this lock; tracking.py converges their duplicates instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .paths import cache_root
+
+WAIT_NOTICE_S = 5.0  # say why we are waiting once the wait is long enough to puzzle someone
+
+# flock is per open file: a nested acquire in the same thread would wait for itself. Other threads
+# open their own file, so they do wait for this one.
+_held: dict[tuple[Path, int], int] = {}
+
+
+def lock_path(uri: str) -> Path:
+    """Beside a local SQLite file (every process that opens it sees the same lock); for other
+    stores, one file per URI under the cache root."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):].partition("?")[0])
+        if database.is_absolute() and os.access(database.parent, os.W_OK):
+            return database.with_name(database.name + ".lmeval-lock")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:24]
+    return cache_root() / "locks" / f"{digest}.lock"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str, label: str) -> Iterator[None]:
+    """Hold the store's lock for the block; ``label`` names the store in the waiting notice."""
+    path = lock_path(uri)
+    mine = (path, threading.get_ident())
+    if _held.get(mine):
+        _held[mine] += 1
+        try:
+            yield
+        finally:
+            _held[mine] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        started, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told and time.monotonic() - started > WAIT_NOTICE_S:
+                    print(f"waiting for another publisher to finish with {label} (lock {path})", file=sys.stderr)
+                    told = True
+                time.sleep(0.05)
+        _held[mine] = 1
+        try:
+            yield
+        finally:
+            _held.pop(mine, None)
+            fcntl.flock(handle, fcntl.LOCK_UN)
