@@ -165,3 +165,4 @@ def test_two_processes_give_the_results_of_one(runs):
     # The stop rule must have cut something short, or it tested nothing.
     stopped = one["runs"]["shared"]["stopped"]
     assert any(len(s) < 6 for s in stopped) and stopped != one["runs"]["shared"]["generated"]
+
