@@ -1,7 +1,7 @@
 """Concurrent publishers lose nothing and duplicate nothing: into the default SQLite file, and into
 one `mlflow server` from processes that share no lock (as if on different machines).
 
-Each publisher is a separate `mlflow-lmeval sync` process. They wait for a common start time, so
+Each publisher is a separate `mlflow-lmeval sync` process. They wait for each other at a barrier, so
 their searches and creates overlap. Two of them publish the same evaluation, a third publishes
 another evaluation of the same checkpoint (so all three want its one LoggedModel).
 """
@@ -9,9 +9,10 @@ another evaluation of the same checkpoint (so all three want its one LoggedModel
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,13 @@ def slowed(create):
 if os.environ.get("SLOW_CREATE"):
     MlflowClient.create_run = slowed(MlflowClient.create_run)
     MlflowClient.create_logged_model = slowed(MlflowClient.create_logged_model)
-start = float(sys.argv[1])
-while time.time() < start:
+# A barrier: publish only once every publisher has started (imported everything).
+barrier, count = sys.argv[1], int(sys.argv[2])
+open(os.path.join(barrier, str(os.getpid())), "w").close()
+deadline = time.time() + 180
+while len(os.listdir(barrier)) < count and time.time() < deadline:
     time.sleep(0.002)
-sys.exit(main(["sync", *sys.argv[2:]]))
+sys.exit(main(["sync", *sys.argv[3:]]))
 """
 
 
@@ -51,9 +55,9 @@ def _results_dirs(root: Path) -> list[Path]:
 
 def _publish_together(directories: list[Path], cwd: Path, env_for) -> list[subprocess.CompletedProcess]:
     """Start one publisher per directory; all begin publishing at the same moment."""
-    start = time.time() + 12  # imports take a few seconds on a loaded machine
+    barrier = Path(tempfile.mkdtemp(prefix="lmeval-barrier-"))
     processes = [
-        subprocess.Popen([sys.executable, "-c", PUBLISH_AT, str(start), str(directory)], cwd=cwd,
+        subprocess.Popen([sys.executable, "-c", PUBLISH_AT, str(barrier), str(len(directories)), str(directory)], cwd=cwd,
                          env=env_for(index), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for index, directory in enumerate(directories)
     ]
@@ -67,6 +71,7 @@ def _publish_together(directories: list[Path], cwd: Path, env_for) -> list[subpr
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        shutil.rmtree(barrier, ignore_errors=True)
     return results
 
 
