@@ -11,6 +11,7 @@ outlives the test.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -166,3 +167,36 @@ def test_two_processes_give_the_results_of_one(runs):
     stopped = one["runs"]["shared"]["stopped"]
     assert any(len(s) < 6 for s in stopped) and stopped != one["runs"]["shared"]["generated"]
 
+
+
+def test_evaluate_command_on_two_processes_writes_the_results_of_one(checkpoint, local_tasks, tmp_path):
+    """The whole `mlflow-lmeval evaluate` on two processes (a checkpoint one process saved, lm-eval
+    on process 0 only) gives the results.json of one process, and only process 0 writes it."""
+    directory, names = local_tasks
+    tasks = ",".join(n for n in names if not n.endswith("_complete"))  # scoring and rolling tasks
+
+    def evaluate(output: Path, extra=()):
+        return [sys.executable, "-m", "mlflow_lmeval.cli", "evaluate", "--checkpoint", str(checkpoint.path),
+                "--tasks", tasks, "--include_path", str(directory), "--output_path", str(output), "--limit", "6",
+                "--batch_size", "4", "--bootstrap_iters", "0", "--no_tracking", "--no_cache", *extra]
+
+    single = tmp_path / "single"
+    codes, outputs = run_processes(1, lambda i, port: evaluate(single), tmp_path)
+    assert codes == [0], outputs[0][-3000:]
+    joint = [tmp_path / "joint_0", tmp_path / "joint_1"]
+    codes, outputs = run_processes(2, lambda i, port: evaluate(joint[i], [
+        "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]), tmp_path)
+    assert codes == [0, 0], [o[-3000:] for o in outputs]
+    assert not joint[1].exists()  # a follower only computes
+    served = re.search(r"process 1 served (\d+) engine call", outputs[1])
+    assert served and int(served.group(1)) >= 2, outputs[1][-3000:]
+
+    expected = json.loads((single / "results.json").read_text())["results"]
+    actual = json.loads((joint[0] / "results.json").read_text())["results"]
+    assert expected.keys() == actual.keys() and len(expected) == len(tasks.split(","))
+    for task, metrics in expected.items():
+        for name, value in metrics.items():
+            if isinstance(value, float):
+                assert actual[task][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, name)
+            else:
+                assert actual[task][name] == value, (task, name)

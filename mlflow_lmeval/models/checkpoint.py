@@ -157,9 +157,11 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
             f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
             f"({config.vocab_size}) in {path}"
         )
-    target = jax.eval_shape(lambda: mlstm.init_params(config))
+    # Host (numpy) leaves: a restore onto device shardings would compare the saving process's device
+    # topology with this one's, and fail when one process saved what several processes load.
+    target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), jax.eval_shape(lambda: mlstm.init_params(config)))
     try:
-        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+        params = jax.tree.map(jnp.asarray, ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target))
     except Exception as error:  # orbax raises many types for missing or damaged files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"corrupt checkpoint parameters in {path}: {first_line}") from None
