@@ -35,10 +35,14 @@ from . import common
 
 SIZES = {
     # preset: (wiki articles, shortest first; lastword docs; choice docs)
-    "quick": {"tiny": (4, 100, 25), "small": (4, 50, 12)},
-    "full": {"tiny": (24, 400, 100), "small": (12, 200, 50)},
+    # B1's mix of the three tasks with fewer documents: the hf side runs a few hundred to a few
+    # thousand tokens/s on 2 CPU cores, and quick keeps the whole --quick run under 10 minutes.
+    "quick": {"tiny": (2, 100, 25), "small": (2, 25, 6)},
+    "full": {"tiny": (12, 400, 100), "small": (6, 100, 25)},
 }
-REPEATS = {"quick": 3, "full": 5}
+# More quick repeats than B1's 3: on a loaded 2-core machine torch's two OpenMP threads are
+# preempted and single hf runs vary by several times; a repeat costs seconds here.
+REPEATS = {"quick": 5, "full": 5}
 BATCH_SIZE = 8  # as B1
 CHUNK_SIZE = 64  # as B1; also the xLSTM's kernel chunk
 HF_VENV = common.REPO / ".venv-hf"
@@ -135,6 +139,7 @@ def run_preset(preset: str, python: str, tokenizer, tokenizer_path: Path, work: 
 
     mode = "quick" if quick else "full"
     repeats = REPEATS[mode]
+    load_at_start = list(os.getloadavg())
     directory = work / f"b7_{preset}"
     directory.mkdir(parents=True, exist_ok=True)
     tasks = _write_tasks(directory, preset, SIZES[mode][preset])
@@ -206,6 +211,7 @@ def run_preset(preset: str, python: str, tokenizer, tokenizer_path: Path, work: 
     hf_scored = hf_first["scored_tokens"]
     ours_rate, hf_rate = scored / med["ours"], hf_scored / med["hf"]
     ready = child.ready
+    per_repeat = [(scored / o) / (hf_scored / h) for o, h in zip(times["ours"], times["hf"])]
     return {
         "preset": preset,
         "tasks": tasks,
@@ -244,10 +250,16 @@ def run_preset(preset: str, python: str, tokenizer, tokenizer_path: Path, work: 
         "no rolling windows, every request read whole on both sides",
         "seconds": med,
         "seconds_all": times,
+        "load_average": {"start": load_at_start, "end": list(os.getloadavg())},
         "scored_tokens_per_s": {"ours": ours_rate, "hf": hf_rate},
         "same_scored_tokens": scored == hf_scored,
         "speedup_vs_lm_eval_hf": ours_rate / hf_rate,
-        "speedup_per_repeat": [(scored / o) / (hf_scored / h) for o, h in zip(times["ours"], times["hf"])],
+        "speedup_per_repeat": per_repeat,
+        "speedup_median_of_per_repeat": common.median(per_repeat),
+        # The fastest run of each side is the one least slowed by other jobs: torch's OpenMP threads
+        # lose far more than XLA's thread pool when the 2 cores are shared, so this ratio is the
+        # nearest this machine gets to an idle one.
+        "speedup_best_of_repeats": (scored / min(times["ours"])) / (hf_scored / min(times["hf"])),
     }
 
 
@@ -267,6 +279,7 @@ def run(tokenizer, work: Path, quick: bool, presets=("tiny", "small")) -> dict:
         "hf_versions": found,
         "presets": results,
         "speedup_vs_lm_eval_hf": {p: r["speedup_vs_lm_eval_hf"] for p, r in results.items()},
+        "speedup_best_of_repeats": {p: r["speedup_best_of_repeats"] for p, r in results.items()},
         "scored_tokens_per_s": {p: r["scored_tokens_per_s"] for p, r in results.items()},
         "num_params": {p: {"ours": r["ours"]["num_params"], "hf": r["hf"]["num_params"]} for p, r in results.items()},
         "targets": {"speedup_vs_lm_eval_hf": ">= 2"},
@@ -274,7 +287,9 @@ def run(tokenizer, work: Path, quick: bool, presets=("tiny", "small")) -> dict:
             "scored_tokens_per_s": "scored tokens (continuations; every token of a rolling document) / median wall "
             "seconds of the whole lm-eval evaluation (simple_evaluate on a built LM, bootstrap_iters=0, "
             "cache_requests=False); the hf side counts its own scored tokens",
-            "speedup_vs_lm_eval_hf": "ours scored tokens/s / hf scored tokens/s (medians of interleaved repeats)",
+            "speedup_vs_lm_eval_hf": "ours scored tokens/s / hf scored tokens/s, each over the median seconds of "
+            "the interleaved repeats; speedup_median_of_per_repeat pairs each repeat's two runs instead; "
+            "speedup_best_of_repeats takes each side's fastest run",
             "model_call_s": "seconds inside HFLM._loglikelihood_tokens (batching, padding and the forward passes)",
         },
     }
