@@ -37,12 +37,16 @@ SIZES = {
     # preset: (wiki articles, shortest first; lastword docs; choice docs)
     # B1's mix of the three tasks with fewer documents: the hf side runs a few hundred to a few
     # thousand tokens/s on 2 CPU cores, and quick keeps the whole --quick run under 10 minutes.
-    "quick": {"tiny": (2, 100, 25), "small": (2, 25, 6)},
+    "quick": {"tiny": (2, 50, 12), "small": (2, 25, 6)},
     "full": {"tiny": (12, 400, 100), "small": (6, 100, 25)},
 }
 # More quick repeats than B1's 3: on a loaded 2-core machine torch's two OpenMP threads are
 # preempted and single hf runs vary by several times; a repeat costs seconds here.
 REPEATS = {"quick": 5, "full": 5}
+# Past MIN_REPEATS, no new repeat starts once the repeats of a preset have taken this many seconds
+# (None: no limit), so that a loaded machine cannot stretch --quick without bound.
+MIN_REPEATS = 3
+REPEAT_BUDGET_S = {"quick": 60, "full": None}
 BATCH_SIZE = 8  # as B1
 CHUNK_SIZE = 64  # as B1; also the xLSTM's kernel chunk
 HF_VENV = common.REPO / ".venv-hf"
@@ -193,7 +197,12 @@ def run_preset(preset: str, python: str, tokenizer, tokenizer_path: Path, work: 
     try:
         common.log(f"B7 {preset}: warm-up of hf")
         warm = child.ask("warm")
+        loop_start = time.perf_counter()
         for repeat in range(repeats):
+            budget = REPEAT_BUDGET_S[mode]
+            if repeat >= MIN_REPEATS and budget is not None and time.perf_counter() - loop_start > budget:
+                common.log(f"B7 {preset}: {repeat} repeats took over {budget} s; stopping there")
+                break
             if repeat:
                 common.log(f"B7 {preset}: repeat {repeat + 1}/{repeats}, ours")
                 seconds, _ = ours_run()
@@ -217,7 +226,7 @@ def run_preset(preset: str, python: str, tokenizer, tokenizer_path: Path, work: 
         "tasks": tasks,
         "documents": dict(zip(("wiki_articles", "lastword_docs", "choice_docs"), SIZES[mode][preset])),
         "requests": len(requests),
-        "repeats": repeats,
+        "repeats": len(times["hf"]),
         "ours": {
             "model": f"mLSTM preset {preset!r} (mlflow_lmeval.models.mlstm), JAX, random weights",
             "num_params": num_params,
