@@ -23,6 +23,7 @@ from mlflow_lmeval.tracking import (
     flatten_metrics,
     metric_key,
     publish_results,
+    read_results,
     resolve_tracking_uri,
     results_table,
     sync,
@@ -507,3 +508,51 @@ def test_real_server_publish_outage_and_catch_up(server, tmp_path):
         [experiment_id], order_by=[{"field_name": "metrics.lmeval/pydoc_nextsentence/acc", "ascending": False}]).to_list()
     assert [m.params["step"] for m in ranked] == ["200", "100"]
     assert sync([tmp_path / "out"], tracking_uri=uri)[1].created is False
+
+
+SLOW_PUBLISH = r"""
+import sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from mlflow_lmeval.cli import main
+
+log_artifacts = MlflowClient.log_artifacts
+
+def slow(self, *args, **kwargs):
+    Path(sys.argv[1]).touch()  # the run exists and holds its params, tags and metrics by now
+    time.sleep(8)  # the test kills the server here
+    return log_artifacts(self, *args, **kwargs)
+
+MlflowClient.log_artifacts = slow
+sys.exit(main(["sync", *sys.argv[2:]]))
+"""
+
+
+def test_server_killed_mid_publish_then_sync_completes_the_run(server, tmp_path):
+    directory = make_results_dir(tmp_path, 100, acc=0.3)
+    marker = tmp_path / "mid-publish"
+    publisher = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, str(marker), str(directory),
+                                  "--tracking_uri", server.uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert publisher.poll() is None and time.monotonic() < deadline, publisher.communicate()
+            time.sleep(0.1)
+        server.stop()
+        out, err = publisher.communicate(timeout=120)
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+            publisher.wait()
+    assert publisher.returncode == 3 and err.strip().count("\n") == 0, err
+
+    server.start()
+    client = MlflowClient(server.uri)
+    (half,) = all_runs(client)
+    assert half.info.status == "RUNNING" and not client.list_artifacts(half.info.run_id)  # the server died first
+
+    (outcome,) = sync([directory], tracking_uri=server.uri)
+    (run,) = all_runs(client)
+    assert outcome.run_id == run.info.run_id == half.info.run_id and run.info.status == "FINISHED"
+    assert run.data.metrics == pytest.approx(flatten_metrics(read_results(directory)))
+    assert "results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
