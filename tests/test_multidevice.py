@@ -18,25 +18,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
-import dataclasses, json
+import dataclasses, json, sys
+sys.path.insert(0, sys.argv[1])
 import jax
-import numpy as np
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
-from mlflow_lmeval.models import mlstm
+from mixed_requests import mixed_requests, reference_model
 
-config = mlstm.MLSTMConfig(vocab_size=300, embed_dim=32, num_layers=2, num_heads=2).validate()
-model = mlstm.as_language_model(config, mlstm.init_params(config, seed=0))
-rng = np.random.default_rng(0)
-
-def tokens(n):
-    return rng.integers(4, 300, n).tolist()
-
-requests = [([1], tokens(333)), ([1], tokens(90))]
-requests += [(tokens(int(n)), tokens(int(m))) for n, m in zip(rng.integers(1, 60, 9), rng.integers(1, 9, 9))]
-for _ in range(2):  # multiple choice: four continuations of one context
-    context = tokens(int(rng.integers(20, 70)))
-    requests += [(context, tokens(int(m))) for m in rng.integers(1, 6, 4)]
-requests += [([1], tokens(1)), ([7], tokens(5))]
+model = reference_model()
+requests = mixed_requests()
 
 known = {f.name for f in dataclasses.fields(EngineSettings)}
 out = {"devices": jax.device_count(), "runs": {}}
@@ -63,7 +52,7 @@ def _run(devices: int) -> dict:
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, str(Path(__file__).parent)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
     line = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")][-1]

@@ -27,32 +27,21 @@ DEADLINE_S = 240
 SCRIPT = r"""
 import json, sys, time
 num_processes, process_id, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, sys.argv[4])
 from mlflow_lmeval.engine import distributed
 distributed.initialize(distributed.DistributedSettings(f"127.0.0.1:{port}", num_processes, process_id).validate())
 import jax
-import numpy as np
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
-from mlflow_lmeval.models import mlstm
+from mixed_requests import mixed_requests, reference_model
 
-config = mlstm.MLSTMConfig(vocab_size=300, embed_dim=32, num_layers=2, num_heads=2).validate()
-model = mlstm.as_language_model(config, mlstm.init_params(config, seed=0))
+model = reference_model()
 if not distributed.is_leader():
     served = distributed.serve(lambda: model)
     distributed.shutdown()
     print("SERVED " + json.dumps({"commands": served, "devices": jax.device_count()}))
     sys.exit(0)
 
-rng = np.random.default_rng(0)
-
-def tokens(n):
-    return rng.integers(4, 300, n).tolist()
-
-requests = [([1], tokens(333)), ([1], tokens(90))]
-requests += [(tokens(int(n)), tokens(int(m))) for n, m in zip(rng.integers(1, 60, 9), rng.integers(1, 9, 9))]
-for _ in range(2):  # multiple choice: four continuations of one context
-    context = tokens(int(rng.integers(20, 70)))
-    requests += [(context, tokens(int(m))) for m in rng.integers(1, 6, 4)]
-requests += [([1], tokens(1)), ([7], tokens(5))]
+requests = mixed_requests()
 contexts = [c for c, _ in requests[:5]]
 
 def stops(generated):  # a stop rule only process 0 knows, like lm-eval's stop strings
@@ -128,7 +117,7 @@ def _tagged(output: str, tag: str) -> dict:
 
 
 def run_script(count: int, tmp_path: Path) -> tuple[dict, list[dict]]:
-    codes, outputs = run_processes(count, lambda i, port: [sys.executable, "-c", SCRIPT, str(count), str(i), str(port)], tmp_path)
+    codes, outputs = run_processes(count, lambda i, port: [sys.executable, "-c", SCRIPT, str(count), str(i), str(port), str(Path(__file__).parent)], tmp_path)
     for code, output in zip(codes, outputs):
         assert code == 0, output[-4000:]
     return _tagged(outputs[0], "RESULT"), [_tagged(o, "SERVED") for o in outputs[1:]]

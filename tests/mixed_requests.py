@@ -1,0 +1,29 @@
+"""The mixed requests that the multi-device and multi-host tests score in child processes: a long
+document, short pairs, two multiple-choice contexts with four continuations each, one-token
+edge cases, with the reference model at small random weights. Importable from those children."""
+
+import numpy as np
+
+VOCAB = 300
+
+
+def reference_model():
+    from mlflow_lmeval.models import mlstm
+
+    config = mlstm.MLSTMConfig(vocab_size=VOCAB, embed_dim=32, num_layers=2, num_heads=2).validate()
+    return mlstm.as_language_model(config, mlstm.init_params(config, seed=0))
+
+
+def mixed_requests(seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+
+    def tokens(n):
+        return rng.integers(4, VOCAB, n).tolist()
+
+    requests = [([1], tokens(333)), ([1], tokens(90))]
+    requests += [(tokens(int(n)), tokens(int(m))) for n, m in zip(rng.integers(1, 60, 9), rng.integers(1, 9, 9))]
+    for _ in range(2):  # multiple choice: four continuations of one context
+        context = tokens(int(rng.integers(20, 70)))
+        requests += [(context, tokens(int(m))) for m in rng.integers(1, 6, 4)]
+    requests += [([1], tokens(1)), ([7], tokens(5))]
+    return requests
