@@ -90,10 +90,11 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
     import lm_eval
 
     from .lm_eval_stats import fast_stderrs
+    from .lm_eval_templates import cached_templates
 
     manager = task_manager(config.evaluation_tasks, config.include_path)
     try:
-        with fast_stderrs():
+        with fast_stderrs(), cached_templates():
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(config.evaluation_tasks),
