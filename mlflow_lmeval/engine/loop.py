@@ -53,12 +53,13 @@ class NonFiniteLogits(UserError):
 
 
 def _zeros_totals(batch: int):
+    """Host arrays, so they reach the device in the same transfer as the batch."""
     return {
-        "loglik": jnp.zeros((batch,), jnp.float32),
-        "num_tokens": jnp.zeros((batch,), jnp.int32),
-        "greedy": jnp.ones((batch,), bool),
-        "nonfinite": jnp.zeros((batch,), bool),
-        "next_token": jnp.zeros((batch,), jnp.int32),
+        "loglik": np.zeros((batch,), np.float32),
+        "num_tokens": np.zeros((batch,), np.int32),
+        "greedy": np.ones((batch,), bool),
+        "nonfinite": np.zeros((batch,), bool),
+        "next_token": np.zeros((batch,), np.int32),
     }
 
 
@@ -196,17 +197,15 @@ class Engine:
         """
         rows, length = batch["inputs"].shape
         self.model_tokens += int(batch["valid"].sum())
+        # One transfer per batch and one per chunk: on CPU each call costs about as much as a
+        # small step, so the arrays of a step travel together.
+        fresh = self.model.init_state(rows) if states is None and self.model.recurrent else None
+        totals, last, state = self._put((_zeros_totals(rows), batch["last"], fresh), self._rows)
         if states is not None:
             state = jax.device_put(self._take_states(states, batch["state_idx"]), self._rows)
-        elif self.model.recurrent:
-            state = self._put(self.model.init_state(rows), self._rows)
-        else:
-            state = None
-        totals = self._put(_zeros_totals(rows), self._rows)
-        last = self._put(batch["last"], self._rows)
         chunk = min(self.settings.chunk_size, length) if self.model.recurrent else length
         for start in range(0, length, chunk):
-            part = [self._put(batch[name][:, start : start + chunk], self._rows) for name in ("inputs", "targets", "valid", "scored")]
+            part = self._put(tuple(batch[name][:, start : start + chunk] for name in ("inputs", "targets", "valid", "scored")), self._rows)
             state, totals = self._step(self.params, state, totals, np.int32(start), *part, last)
         return state, totals
 
