@@ -112,7 +112,7 @@ def _cmd_evaluate(args) -> None:
     from .engine import distributed
 
     cluster = distributed.DistributedSettings.from_env(args.coordinator_address, args.num_processes, args.process_id,
-                                                       args.distributed)
+                                                       args.distributed, args.join_timeout)
     distributed.initialize(cluster)
     try:
         if not distributed.is_leader():
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     multihost.add_argument("--process_id", type=int, help="this process, 0 to num_processes-1; 0 runs lm-eval (default: $MLFLOW_LMEVAL_PROCESS_ID)")
     multihost.add_argument("--distributed", action="store_true",
                            help="join a run whose settings JAX detects (TPU pods, SLURM, Open MPI)")
+    multihost.add_argument("--join_timeout", type=_positive_int, default=300, metavar="SECONDS",
+                           help="give up when not every process has joined after this long (default: 300)")
     _add_tracking_flags(ev, "evaluation run (default: the training run's)")
     ev.set_defaults(func=_cmd_evaluate)
 

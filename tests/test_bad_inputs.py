@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -145,3 +147,16 @@ def test_bad_multihost_options(tmp_path, options, message):
                               *options, timeout=120)
     assert code == 2, err
     assert message in last
+
+
+def test_unreachable_coordinator_is_one_line_after_the_join_timeout(tmp_path):
+    with socket.socket() as probe:  # a loopback port that nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    code, last, err = run_cli("evaluate", "--checkpoint", tmp_path / "step_1", "--tasks", "t", "--output_path", tmp_path / "out",
+                              "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "1",
+                              "--join_timeout", "2", timeout=120)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert last.startswith(f"error: cannot join the distributed run: nothing answers at 127.0.0.1:{port} after 2 s")
+    assert time.monotonic() - started < 60

@@ -36,6 +36,8 @@ import dataclasses
 import os
 import pickle
 import re
+import socket
+import time
 from typing import Callable
 
 import jax
@@ -61,13 +63,15 @@ class DistributedSettings:
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False
+    join_timeout_s: int = 300  # how long to wait for every process to join (JAX's default)
 
     @property
     def enabled(self) -> bool:
         return self.auto or (self.num_processes or 1) > 1 or self.coordinator_address is not None
 
     @classmethod
-    def from_env(cls, coordinator_address=None, num_processes=None, process_id=None, auto=False) -> "DistributedSettings":
+    def from_env(cls, coordinator_address=None, num_processes=None, process_id=None, auto=False,
+                 join_timeout_s: int = 300) -> "DistributedSettings":
         """Explicit values win; missing ones come from the environment. JAX_COORDINATOR_ADDRESS
         alone does not start a distributed run: it may be set for some other program."""
         num_processes = num_processes if num_processes is not None else _env_int(NUM_PROCESSES_ENV)
@@ -78,6 +82,7 @@ class DistributedSettings:
             num_processes=num_processes,
             process_id=process_id if process_id is not None else _env_int(PROCESS_ID_ENV),
             auto=auto,
+            join_timeout_s=join_timeout_s,
         ).validate()
 
     def validate(self) -> "DistributedSettings":
@@ -113,15 +118,37 @@ def _valid_address(address: str) -> bool:
     return bool(match) and 1 <= int(match.group(2)) <= 65535
 
 
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+    """Process 0's coordinator accepting connections, or a one-line error.
+
+    JAX's own client aborts the whole process (a C++ check failure and a stack trace) when it
+    cannot register in time; a follower checks first that the address answers at all.
+    """
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise UserError(f"cannot join the distributed run: nothing answers at {address} after {timeout_s} s "
+                                f"(is process 0 running there?): {error}") from None
+            time.sleep(0.5)
+
+
 def initialize(settings: DistributedSettings) -> None:
     """Join the run; must come before anything touches a JAX device. One process needs nothing."""
     if not settings.enabled or (settings.num_processes == 1 and not settings.auto):
         return
+    if not settings.auto and settings.process_id != 0:
+        _wait_for_coordinator(settings.coordinator_address, settings.join_timeout_s)
     try:
         if settings.auto:
-            jax.distributed.initialize()
+            jax.distributed.initialize(initialization_timeout=settings.join_timeout_s)
         else:
-            jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id)
+            jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
+                                       initialization_timeout=settings.join_timeout_s)
     except (RuntimeError, ValueError, TypeError) as error:
         first = (str(error).strip().splitlines() or [""])[0]
         where = settings.coordinator_address or "the cluster's coordinator"
