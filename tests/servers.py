@@ -110,10 +110,12 @@ class PostgresServer:
                     continue
             os.chown(self.directory, self._account.pw_uid, self._account.pw_gid)
 
-    def _demote(self) -> None:
-        if self._account is not None:
-            os.setgid(self._account.pw_gid)
-            os.setuid(self._account.pw_uid)
+    def _as_account(self) -> dict:
+        """Popen arguments that run a child as the unprivileged account (no preexec_fn: a fork
+        with Python code in the child is unsafe in a process that runs JAX's threads)."""
+        if self._account is None:
+            return {}
+        return {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
 
     def start(self, timeout: float = 60.0) -> None:
         import psycopg
@@ -121,13 +123,13 @@ class PostgresServer:
         data = self.directory / "data"
         subprocess.run([str(self.bin_dir / "initdb"), "-D", str(data), "-U", self.user, "--auth=trust",
                         "--encoding=UTF8", "--locale=C", "--no-sync"],
-                       check=True, capture_output=True, preexec_fn=self._demote, timeout=timeout)
+                       check=True, capture_output=True, timeout=timeout, **self._as_account())
         with open(self.directory / "postgres.log", "ab") as log:
             self.process = subprocess.Popen(
                 [str(self.bin_dir / "postgres"), "-D", str(data), "-p", str(self.port),
                  "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.directory}",
                  "-c", "fsync=off"],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._demote, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_account())
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

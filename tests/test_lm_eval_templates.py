@@ -9,7 +9,7 @@ from mlflow_lmeval.lm_eval_templates import cached_templates
 TEMPLATES = [
     "Question: {{question}}\nAnswer:",
     "{{choices | join(', ')}}",
-    "{{ text | regex_replace('\\s+', ' ') }}",
+    "{{ text | regex_replace('[xy]', '#') }}",
     "{% for c in choices %}{{ loop.index }}. {{ c }}\n{% endfor %}",
     " {{answer}}",
 ]
