@@ -333,6 +333,18 @@ def _write_task(directory: Path, name: str, fields: dict, splits: dict[str, list
     return name
 
 
+def write_mixed_tasks(directory: Path, prefix: str, sizes: tuple[int, int, int]) -> list[str]:
+    """B1's task mix: the shortest WikiText articles (rolling), last-word and 4-choice Tiny
+    Shakespeare tasks, with ``sizes`` = (articles, last-word docs, choice docs)."""
+    articles, lastword, choice = sizes
+    shortest = sorted(wikitext_articles(), key=lambda a: len(a[1]))[:articles]
+    return [
+        write_rolling_task(directory, f"{prefix}_wiki", shortest),
+        write_lastword_task(directory, f"{prefix}_lastword", lastword_docs()[:lastword]),
+        write_choice_task(directory, f"{prefix}_choice", choice_docs(seed=1)[:choice]),
+    ]
+
+
 def write_rolling_task(directory: Path, name: str, articles: list[tuple[str, str]]) -> str:
     return _write_task(directory, name, {
         "output_type": "loglikelihood_rolling",

@@ -123,16 +123,6 @@ class Child:
         self._log.close()
 
 
-def _write_tasks(directory: Path, preset: str, sizes) -> list[str]:
-    wiki_docs, lastword_docs, choice_docs = sizes
-    articles = sorted(common.wikitext_articles(), key=lambda a: len(a[1]))[:wiki_docs]
-    return [
-        common.write_rolling_task(directory, f"b7_{preset}_wiki", articles),
-        common.write_lastword_task(directory, f"b7_{preset}_lastword", common.lastword_docs()[:lastword_docs]),
-        common.write_choice_task(directory, f"b7_{preset}_choice", common.choice_docs(seed=1)[:choice_docs]),
-    ]
-
-
 def _metrics(output: dict) -> dict:
     return {task: {k: v for k, v in row.items() if not k.endswith("_stderr,none") and k != "alias"}
             for task, row in output["results"].items()}
@@ -146,7 +136,7 @@ def run_preset(preset: str, python: str, tokenizer, tokenizer_path: Path, work: 
     load_at_start = list(os.getloadavg())
     directory = work / f"b7_{preset}"
     directory.mkdir(parents=True, exist_ok=True)
-    tasks = _write_tasks(directory, preset, SIZES[mode][preset])
+    tasks = common.write_mixed_tasks(directory, f"b7_{preset}", SIZES[mode][preset])
     config = common.eval_config(tasks, directory)
     model, num_params = common.reference_model(preset)
     settings, applied = common.engine_settings(batch_size=BATCH_SIZE, chunk_size=CHUNK_SIZE, share_prefixes=True)

@@ -96,16 +96,6 @@ def packed_bound(model, batch_size: int, chunk_size: int, tokens: np.ndarray, sc
     return run
 
 
-def _write_tasks(directory: Path, preset: str, sizes) -> list[str]:
-    wiki_docs, lastword_docs, choice_docs = sizes
-    articles = sorted(common.wikitext_articles(), key=lambda a: len(a[1]))[:wiki_docs]
-    return [
-        common.write_rolling_task(directory, f"b1_{preset}_wiki", articles),
-        common.write_lastword_task(directory, f"b1_{preset}_lastword", common.lastword_docs()[:lastword_docs]),
-        common.write_choice_task(directory, f"b1_{preset}_choice", common.choice_docs(seed=1)[:choice_docs]),
-    ]
-
-
 def _label_calls(lm, recorder):
     """Tag each engine call with the lm-eval request type that made it."""
     for kind in ("loglikelihood", "loglikelihood_rolling"):
@@ -140,7 +130,7 @@ def _per_kind(recorder) -> dict:
 def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_values: dict) -> dict:
     mode = "quick" if quick else "full"
     repeats = REPEATS[mode]
-    tasks = _write_tasks(directory, preset, SIZES[mode][preset])
+    tasks = common.write_mixed_tasks(directory, f"b1_{preset}", SIZES[mode][preset])
     config = common.eval_config(tasks, directory)
     model, num_params = common.reference_model(preset)
     settings, applied = common.engine_settings(**settings_values)

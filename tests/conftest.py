@@ -155,3 +155,21 @@ def dead_uri():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A real `mlflow server` (SQLite store) on 127.0.0.1, stopped by its PID afterwards."""
+    import mlflow
+    from servers import MlflowServer
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "server").mkdir()
+    instance = MlflowServer(tmp_path / "server")
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+        mlflow.set_tracking_uri(None)

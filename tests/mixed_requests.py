@@ -27,3 +27,15 @@ def mixed_requests(seed: int = 0) -> list[tuple[list[int], list[int]]]:
         requests += [(context, tokens(int(m))) for m in rng.integers(1, 6, 4)]
     requests += [([1], tokens(1)), ([7], tokens(5))]
     return requests
+
+
+def assert_same_results(expected: dict, actual: dict, label: str) -> float:
+    """One run's scores and generations equal another's; returns the largest |Δ loglik| relative
+    to max(1, |loglik|). 1e-5 relative: a float32 sum of a few hundred log-probabilities
+    (|loglik| ~ 2000) can differ in its last bits when a batch is split differently."""
+    want, got = np.asarray(expected["loglik"]), np.asarray(actual["loglik"])
+    relative = float((np.abs(got - want) / np.maximum(1.0, np.abs(want))).max())
+    assert relative <= 1e-5, f"{label}: max |Δ loglik| / max(1, |loglik|) = {relative}"
+    for field in ("num_tokens", "greedy", "generated", "stopped"):
+        assert expected.get(field) == actual.get(field), f"{label}: {field} differs"
+    return relative

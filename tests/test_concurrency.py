@@ -19,7 +19,6 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_lmeval.tracking import TAG_FINGERPRINT, TAG_IDENTITY, flatten_metrics, read_results
-from servers import MlflowServer
 from test_tracking import FINGERPRINTS, make_results_dir
 
 PUBLISH_AT = r"""
@@ -116,30 +115,22 @@ def test_concurrent_publishers_into_a_new_default_sqlite_file(tmp_path):
     _assert_one_of_each(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), directories)
 
 
-def test_concurrent_publishers_on_separate_machines_into_one_server(tmp_path, monkeypatch):
+def test_concurrent_publishers_on_separate_machines_into_one_server(server, tmp_path):
     """No shared lock (each has its own cache dir), and creates delayed until all have searched:
     each makes its own run and model, and the duplicates converge to one."""
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    (tmp_path / "server").mkdir()
-    server = MlflowServer(tmp_path / "server")
-    try:
-        server.start()
-        directories = _results_dirs(tmp_path)
+    directories = _results_dirs(tmp_path)
 
-        def machine(index):
-            return {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_LMEVAL_CACHE": str(tmp_path / f"m{index}"),
-                    "SLOW_CREATE": "1"}
+    def machine(index):
+        return {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_LMEVAL_CACHE": str(tmp_path / f"m{index}"),
+                "SLOW_CREATE": "1"}
 
-        outcomes = _publish_together(directories, tmp_path, machine)
-        assert [o.returncode for o in outcomes] == [0, 0, 0], [o.stderr[-800:] for o in outcomes]
-        _assert_one_of_each(MlflowClient(server.uri), directories)
-        # A later sync from anywhere finds everything there.
-        again = subprocess.run([sys.executable, "-m", "mlflow_lmeval.cli", "sync", *map(str, directories)],
-                               env=machine(9), capture_output=True, text=True, timeout=120)
-        assert again.returncode == 0 and "0 evaluation(s) published, 3 already in MLflow" in again.stdout
-    finally:
-        server.stop()
+    outcomes = _publish_together(directories, tmp_path, machine)
+    assert [o.returncode for o in outcomes] == [0, 0, 0], [o.stderr[-800:] for o in outcomes]
+    _assert_one_of_each(MlflowClient(server.uri), directories)
+    # A later sync from anywhere finds everything there.
+    again = subprocess.run([sys.executable, "-m", "mlflow_lmeval.cli", "sync", *map(str, directories)],
+                           env=machine(9), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 evaluation(s) published, 3 already in MLflow" in again.stdout
 
 
 def test_a_lost_insert_race_is_retried_and_other_errors_are_not():

@@ -16,7 +16,6 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_lmeval import tracking
-from servers import MlflowServer
 from mlflow_lmeval.tracking import (
     TrackingUnavailable,
     evaluation_identity,
@@ -462,20 +461,6 @@ def test_dvc_stage_context_tags_runs(store, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # A real `mlflow server` on loopback: publish, outage, catch-up
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    (tmp_path / "server").mkdir()
-    instance = MlflowServer(tmp_path / "server")
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.stop()
-        mlflow.set_tracking_uri(None)
 
 
 def test_real_server_publish_outage_and_catch_up(server, tmp_path):
