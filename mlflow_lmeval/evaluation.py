@@ -213,5 +213,4 @@ def serve_checkpoint(checkpoint_dir: str | os.PathLike) -> int:
     from .engine.distributed import serve
     from .models.checkpoint import load_checkpoint
 
-    model = load_checkpoint(checkpoint_dir).model
-    return serve(lambda: model)
+    return serve(load_checkpoint(checkpoint_dir).model)

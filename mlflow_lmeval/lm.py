@@ -46,16 +46,8 @@ class JaxLM(TemplateLM):
         if tokenizer.vocab_size > model.vocab_size:
             raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's ({model.vocab_size})")
         self.sp = tokenizer
-        self.cache_namespace = None
-        if cache is not None and fingerprint:
-            from .response_cache import namespace
-
-            recurrent = model.recurrent and settings.infinite
-            mode = "recurrent" if recurrent else f"fixed:{settings.context_length or model.context_length}"
-            self.cache_namespace = namespace(fingerprint, mode, settings.debug)
-        self.cache = cache if self.cache_namespace else None
         self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None,
-                             cache=self.cache, cache_namespace=self.cache_namespace)
+                             cache=cache, fingerprint=fingerprint)
         self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
         self.document_scores: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
         self._last_token_counts: list[int] = []
@@ -147,22 +139,20 @@ class JaxLM(TemplateLM):
 
     def _generate_cached(self, contexts: list[list[int]], until: list[str], max_gen_toks: int) -> list[list[int]]:
         """Greedy generations, taken from the response cache where stored, stored as batches finish."""
-        keys = [None] * len(contexts)
+        cache, namespace_ = self.engine.cache, self.engine.cache_namespace
         generated: dict[int, list[int]] = {}
-        if self.cache is not None:
+        if cache is not None:
             from .response_cache import request_key
 
-            keys = [request_key(self.cache_namespace, "generate", c, "\x1f".join(until), max_gen_toks) for c in contexts]
-            for position, key in enumerate(keys):
-                stored = self.cache.get_generation(key)
-                if stored is not None:
-                    generated[position] = stored
+            keys = [request_key(namespace_, "generate", c, "\x1f".join(until), max_gen_toks) for c in contexts]
+            stored = cache.get_generations(keys)
+            generated = {p: stored[key] for p, key in enumerate(keys) if key in stored}
         missing = [p for p in range(len(contexts)) if p not in generated]
 
-        def store(local: int, tokens: list[int]) -> None:
-            generated[missing[local]] = tokens
-            if self.cache is not None:
-                self.cache.put_generation(self.cache_namespace, keys[missing[local]], tokens)
+        def store(done: list[tuple[int, list[int]]]) -> None:
+            generated.update((missing[local], tokens) for local, tokens in done)
+            if cache is not None:
+                cache.put_generations(namespace_, [(keys[missing[local]], tokens) for local, tokens in done])
 
         self.engine.generate([contexts[p] for p in missing], max_gen_toks, _stop_checker(self, until), on_done=store)
         return [generated[p] for p in range(len(contexts))]

@@ -116,13 +116,19 @@ class ResponseCache:
                 [(namespace_, key, int(seq), float(loglik), int(n), int(bool(greedy))) for key, seq, loglik, n, greedy in rows],
             )
 
-    def get_generation(self, key: bytes) -> list[int] | None:
-        row = self._db.execute("SELECT tokens FROM generations WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+    def get_generations(self, keys: list[bytes]) -> dict[bytes, list[int]]:
+        found = {}
+        for start in range(0, len(keys), 800):
+            block = keys[start : start + 800]
+            rows = self._db.execute(f"SELECT key, tokens FROM generations WHERE key IN ({','.join('?' * len(block))})", block)
+            found.update((key, json.loads(tokens)) for key, tokens in rows)
+        return found
 
-    def put_generation(self, namespace_: str, key: bytes, tokens: list[int]) -> None:
+    def put_generations(self, namespace_: str, rows: Iterable[tuple[bytes, list[int]]]) -> None:
+        """One transaction per finished batch of generations."""
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO generations VALUES (?, ?, ?)", (namespace_, key, json.dumps(tokens)))
+            self._db.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?, ?)",
+                                 [(namespace_, key, json.dumps(tokens)) for key, tokens in rows])
 
     def count(self) -> int:
         return sum(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("pieces", "generations"))

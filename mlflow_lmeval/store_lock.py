@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -23,10 +22,6 @@ from typing import Iterator
 from .paths import cache_root
 
 WAIT_NOTICE_S = 5.0  # say why we are waiting once the wait is long enough to puzzle someone
-
-# flock is per open file: a nested acquire in the same thread would wait for itself. Other threads
-# open their own file, so they do wait for this one.
-_held: dict[tuple[Path, int], int] = {}
 
 
 def lock_path(uri: str) -> Path:
@@ -42,16 +37,11 @@ def lock_path(uri: str) -> Path:
 
 @contextlib.contextmanager
 def store_lock(uri: str, label: str) -> Iterator[None]:
-    """Hold the store's lock for the block; ``label`` names the store in the waiting notice."""
+    """Hold the store's lock for the block; ``label`` names the store in the waiting notice.
+
+    Not reentrant: flock belongs to the open file, so a nested acquire would wait for itself.
+    """
     path = lock_path(uri)
-    mine = (path, threading.get_ident())
-    if _held.get(mine):
-        _held[mine] += 1
-        try:
-            yield
-        finally:
-            _held[mine] -= 1
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         started, told = time.monotonic(), False
@@ -64,9 +54,7 @@ def store_lock(uri: str, label: str) -> Iterator[None]:
                     print(f"waiting for another publisher to finish with {label} (lock {path})", file=sys.stderr)
                     told = True
                 time.sleep(0.05)
-        _held[mine] = 1
         try:
             yield
         finally:
-            _held.pop(mine, None)
             fcntl.flock(handle, fcntl.LOCK_UN)

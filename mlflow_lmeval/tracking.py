@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .errors import UserError
-from .store_lock import store_lock
+from . import store_lock
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -521,13 +521,18 @@ def _translated(uri: str, doing: str) -> Iterator[None]:
 _opened_sqlite: set[str] = set()
 
 
+def _locked(uri: str):
+    """This machine's lock on the store (see store_lock.py); the notice names it without secrets."""
+    return store_lock.store_lock(uri, redact_uri(uri))
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 
     if not uri.startswith("sqlite:") or uri in _opened_sqlite:
         return MlflowClient(tracking_uri=uri)
     # The first open of a new SQLite file migrates its schema; two processes at once fail.
-    with store_lock(uri, redact_uri(uri)):
+    with _locked(uri):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     _opened_sqlite.add(uri)
@@ -711,7 +716,7 @@ def ensure_checkpoint_model(
     uri = resolve_tracking_uri(tracking_uri)
     with http_limits(max_retries, timeout), _translated(uri, f"registering checkpoint {info['path']}"):
         client = _client(uri)
-        with store_lock(uri, redact_uri(uri)):
+        with _locked(uri):
             parent = _get_run_or_none(client, training_run_id) if training_run_id else None
             experiment_id = _resolve_experiment_id(client, uri, experiment, parent)
             return _ensure_model(client, experiment_id, info, parent.info.run_id if parent else None)
@@ -1002,7 +1007,7 @@ def publish_results(
                                        evaluation_timestamp_ms(results), uri)
             return PublishOutcome(live["run_id"], created, None, str(results_dir))
         client = _client(uri)
-        with store_lock(uri, redact_uri(uri)):
+        with _locked(uri):
             return _publish_evaluation(client, uri, results_dir, results, experiment, training_run_id)
 
 
@@ -1136,7 +1141,7 @@ class TrainingRun:
         def register():
             info = {**checkpoint_info(path), "step": int(step)}
             client = _client(self.tracking_uri)
-            with store_lock(self.tracking_uri, redact_uri(self.tracking_uri)):
+            with _locked(self.tracking_uri):
                 return _ensure_model(client, self.experiment_id, info, self.run_id)
 
         return self._guarded(f"registering checkpoint {path}", register)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mlflow_lmeval.tracking import TAG_FINGERPRINT, TAG_IDENTITY, flatten_metrics, read_results
+from mlflow_lmeval.tracking import TAG_FINGERPRINT, TAG_IDENTITY, evaluation_identity, flatten_metrics, read_results
 from test_tracking import FINGERPRINTS, make_results_dir
 
 PUBLISH_AT = r"""
@@ -85,19 +85,13 @@ def _assert_one_of_each(client: MlflowClient, directories: list[Path]) -> None:
     assert sorted(len(group) for group in by_identity.values()) == [1, 1]
     for directory in directories:
         results = read_results(directory)
-        matching = [run for run in runs if run.data.tags[TAG_IDENTITY] == _identity(results)]
+        matching = [run for run in runs if run.data.tags[TAG_IDENTITY] == evaluation_identity(results)[TAG_IDENTITY]]
         assert len(matching) == 1
         assert matching[0].data.metrics == pytest.approx(flatten_metrics(results))
     models = client.search_logged_models([experiment.experiment_id]).to_list()
     assert [(m.tags[TAG_FINGERPRINT], m.status.name) for m in models] == [(FINGERPRINTS[100], "READY")]
     for run in runs:
         assert run.data.tags["lmeval.model_id"] == models[0].model_id
-
-
-def _identity(results) -> str:
-    from mlflow_lmeval.tracking import evaluation_identity
-
-    return evaluation_identity(results)[TAG_IDENTITY]
 
 
 def test_concurrent_publishers_into_a_new_default_sqlite_file(tmp_path):
@@ -145,6 +139,11 @@ def test_a_lost_insert_race_is_retried_and_other_errors_are_not():
         return "done"
 
     assert _retry_on_conflict(insert) == "done" and len(calls) == 2
+
+    def reject():
+        calls.append(1)
+        raise ValueError("bad value")
+
     with pytest.raises(ValueError, match="bad value"):
-        _retry_on_conflict(lambda: calls.append(1) or (_ for _ in ()).throw(ValueError("bad value")))
+        _retry_on_conflict(reject)
     assert len(calls) == 3  # tried once, not retried

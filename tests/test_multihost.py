@@ -36,7 +36,7 @@ from mixed_requests import mixed_requests, reference_model
 
 model = reference_model()
 if not distributed.is_leader():
-    served = distributed.serve(lambda: model)
+    served = distributed.serve(model)
     distributed.shutdown()
     print("SERVED " + json.dumps({"commands": served, "devices": jax.device_count()}))
     sys.exit(0)

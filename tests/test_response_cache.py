@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
-from mlflow_lmeval.response_cache import ResponseCache, namespace
+from mlflow_lmeval.response_cache import ResponseCache
 
 
 def requests_for(checkpoint, count=40):
@@ -22,8 +22,7 @@ def requests_for(checkpoint, count=40):
 
 
 def scored(checkpoint, requests, cache=None, fingerprint="fp-a"):
-    engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=8), cache=cache,
-                    cache_namespace=namespace(fingerprint, "recurrent", False) if cache else None)
+    engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=8), cache=cache, fingerprint=fingerprint)
     return engine.score(requests), engine
 
 
@@ -135,3 +134,27 @@ def test_cache_clear_command(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "removed 2" in out.stdout, out.stderr
     assert ResponseCache(path).count() == 0
+
+
+def test_generations_are_stored_per_batch_and_reused_only_for_the_same_checkpoint(checkpoint, tmp_path):
+    from lm_eval.api.instance import Instance
+
+    from mlflow_lmeval.lm import JaxLM
+
+    cache = ResponseCache(tmp_path / "r.sqlite")
+    contexts = ["The king", "A fool", "To be or", "My lord,", "Good night"]
+    requests = [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 6}), i) for i, c in enumerate(contexts)]
+
+    def run(fingerprint):
+        lm = JaxLM(checkpoint.model, checkpoint.tokenizer, EngineSettings(batch_size=2), show_progress=False,
+                   cache=cache, fingerprint=fingerprint)
+        asked, generate = [], lm.engine.generate
+        lm.engine.generate = lambda contexts, *args, **kwargs: (asked.extend(contexts), generate(contexts, *args, **kwargs))[1]
+        return lm.generate_until(requests), asked
+
+    first, asked = run("fp-a")
+    assert len(asked) == len(contexts) and cache.count() == len(contexts)
+    again, asked = run("fp-a")
+    assert again == first and asked == []  # every generation came from the cache
+    _, asked = run("fp-b")
+    assert len(asked) == len(contexts)  # another checkpoint computes its own

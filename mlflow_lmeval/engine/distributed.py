@@ -38,7 +38,6 @@ import pickle
 import re
 import socket
 import time
-from typing import Callable
 
 import jax
 import numpy as np
@@ -203,17 +202,15 @@ def stop_followers() -> None:
         send(STOP)
 
 
-def serve(load_model: Callable[[], object]) -> int:
-    """The other processes: mirror process 0's Engine calls until told to stop.
+def serve(model) -> int:
+    """The other processes: mirror process 0's Engine calls on ``model`` until told to stop.
 
-    Returns the number of commands run. The model is loaded when process 0 sets up its first
-    Engine, so that a failure on process 0 before that point (a bad task name, say) only costs a
-    ``stop``; the Engine is built from the settings process 0 sends, so the two sides cannot
-    disagree about batch size or chunking.
+    Returns the number of commands run. Each Engine is built from the settings process 0 sends,
+    so the two sides cannot disagree about batch size or chunking.
     """
     from .loop import Engine
 
-    model, engine, count = None, None, 0
+    engine, count = None, 0
     while True:
         name, args = receive()
         if name == STOP:
@@ -221,7 +218,6 @@ def serve(load_model: Callable[[], object]) -> int:
         count += 1
         if name == "engine":
             (settings,) = args
-            model = model if model is not None else load_model()
             engine = Engine(model, settings)
             continue
         if engine is None:

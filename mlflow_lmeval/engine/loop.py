@@ -67,12 +67,11 @@ class Engine:
     """Scores requests and generates from a model that follows the model contract."""
 
     def __init__(self, model: LanguageModel, settings: EngineSettings, progress: Callable[[int, int], None] | None = None,
-                 cache=None, cache_namespace: str | None = None):
-        """``cache`` (a ResponseCache) with ``cache_namespace`` makes scoring resumable: every
-        finished batch is stored, and stored pieces are not computed again."""
+                 cache=None, fingerprint: str | None = None):
+        """``cache`` (a ResponseCache) with the checkpoint's ``fingerprint`` makes scoring
+        resumable: every finished batch is stored, and stored pieces are not computed again.
+        Without a fingerprint nothing is cached (live params have no identity)."""
         self.model = model
-        self.cache = cache if cache_namespace else None
-        self.cache_namespace = cache_namespace
         self.settings = settings
         self.progress = progress
         self.recurrent = model.recurrent and settings.infinite
@@ -83,6 +82,12 @@ class Engine:
             self.max_length = int(length)
         else:
             self.max_length = None
+        self.cache, self.cache_namespace = None, None
+        if cache is not None and fingerprint:
+            from ..response_cache import namespace
+
+            mode = "recurrent" if self.recurrent else f"fixed:{self.max_length}"
+            self.cache, self.cache_namespace = cache, namespace(fingerprint, mode, settings.debug)
         devices = jax.devices()  # every process's devices when several processes run
         self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.batch_size = round_up(settings.batch_size, len(devices))
@@ -337,10 +342,10 @@ class Engine:
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, contexts: list[list[int]], max_new_tokens: int, finished: Callable[[list[int]], bool],
-                 on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+                 on_done: Callable[[list[tuple[int, list[int]]]], None] | None = None) -> list[list[int]]:
         """Greedy continuation of each context until ``finished(tokens)`` or ``max_new_tokens``.
 
-        ``on_done(index, tokens)`` is called as each batch of contexts finishes."""
+        ``on_done([(index, tokens), ...])`` gets each batch of contexts as it finishes."""
         if max_new_tokens < 1 or not contexts:
             return [[] for _ in contexts]
         if self._leads:
@@ -354,10 +359,11 @@ class Engine:
         order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
         for start in range(0, len(order), self.batch_size):
             group = order[start : start + self.batch_size]
-            for index, tokens in zip(group, generate([contexts[i] for i in group], max_new_tokens, finished)):
+            done = list(zip(group, generate([contexts[i] for i in group], max_new_tokens, finished)))
+            for index, tokens in done:
                 results[index] = tokens
-                if on_done:
-                    on_done(index, tokens)
+            if on_done:
+                on_done(done)
         return results
 
     def _prefill_pieces(self, contexts: list[list[int]]) -> list[Piece]:
