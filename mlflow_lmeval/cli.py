@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import config as config_module
 from .config import EvalConfig
 from .errors import UserError
 
@@ -78,37 +79,8 @@ def _cmd_train(args) -> None:
         print(f"wrote {path}")
 
 
-def _number(text: str) -> int | float:
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-
-
 def _cmd_evaluate(args) -> None:
-    config = EvalConfig(
-        evaluation_tasks=args.tasks,
-        tokenizer_path=args.tokenizer,
-        cache_requests=not args.no_cache_requests,
-        limit_requests=args.limit,
-        write_out=args.write_out,
-        use_infinite_eval=not args.no_infinite_eval,
-        infinite_eval_chunksize=args.chunk_size,
-        context_length=args.context_length,
-        batch_size=args.batch_size,
-        worker_buffer_size=args.worker_buffer_size,
-        worker_count=args.worker_count,
-        debug=args.debug_logits,
-        system_instruction=args.system_instruction,
-        num_fewshot=args.num_fewshot,
-        bootstrap_iters=args.bootstrap_iters,
-        apply_chat_template=args.apply_chat_template,
-        include_path=args.include_path,
-        output_path=args.output_path,
-        log_samples=args.log_samples,
-        response_cache=not args.no_cache,
-        response_cache_path=args.cache_path,
-    )
+    config = config_module.from_args(args)
     from .engine import distributed
 
     cluster = distributed.DistributedSettings.from_env(args.coordinator_address, args.num_processes, args.process_id,
@@ -197,36 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval_every", type=int, default=0, help="evaluate the live params every K steps into the training run")
     tr.add_argument("--eval_tasks", help="comma-separated tasks for --eval_every")
     tr.add_argument("--include_path", help="directory of local task YAML files for --eval_tasks")
-    tr.add_argument("--eval_limit", type=_number, help="examples per task for --eval_every")
+    tr.add_argument("--eval_limit", type=config_module.parse_number, help="examples per task for --eval_every")
     tr.add_argument("--bootstrap_iters", type=int, default=1000, help="bootstrap iterations for --eval_every stderrs")
     _add_tracking_flags(tr, "training run")
     tr.set_defaults(func=_cmd_train)
 
-    defaults = EvalConfig()
     ev = commands.add_parser("evaluate", help="run lm-eval tasks on a checkpoint")
-    ev.add_argument("--checkpoint", required=True, help="a step_<N>/ checkpoint directory")
-    ev.add_argument("--tasks", required=True, help="comma-separated task names")
-    ev.add_argument("--include_path", help="directory of local task YAML files")
-    ev.add_argument("--output_path", required=True, help="directory for results.json and samples")
-    ev.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's own)")
-    ev.add_argument("--limit", type=_number, help="examples per task: a count, or a fraction below 1")
-    ev.add_argument("--num_fewshot", type=int)
-    ev.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    ev.add_argument("--chunk_size", type=int, default=defaults.infinite_eval_chunksize, help="tokens per recurrent step")
-    ev.add_argument("--no_infinite_eval", action="store_true", help="fixed-context windows instead of the recurrent loop")
-    ev.add_argument("--context_length", type=int, help="window length in fixed-context mode")
-    ev.add_argument("--bootstrap_iters", type=int, default=defaults.bootstrap_iters)
-    ev.add_argument("--log_samples", action="store_true", help="also write samples_<task>.jsonl")
-    ev.add_argument("--write_out", action="store_true", help="print example prompts")
-    ev.add_argument("--system_instruction")
-    ev.add_argument("--apply_chat_template", nargs="?", const=True, default=False, metavar="TEMPLATE",
-                    help="render prompts with a chat template: the default one, or this Jinja string")
-    ev.add_argument("--worker_count", type=int, default=defaults.worker_count)
-    ev.add_argument("--worker_buffer_size", type=int, default=defaults.worker_buffer_size)
-    ev.add_argument("--no_cache_requests", action="store_true", help="rebuild lm-eval's requests every time")
-    ev.add_argument("--debug_logits", action="store_true", help="scale logits so a random model gives finite metrics")
-    ev.add_argument("--no_cache", action="store_true", help="neither read nor write the resumable response cache")
-    ev.add_argument("--cache_path", help="response cache file (default: $MLFLOW_LMEVAL_CACHE/responses.sqlite)")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory")
+    config_module.add_arguments(ev)
     ev.add_argument("--training_run_id", help="the MLflow training run (default: the checkpoint's metadata)")
     multihost = ev.add_argument_group("multi-host evaluation (docs/multihost.md)")
     multihost.add_argument("--coordinator_address", metavar="HOST:PORT",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from . import config as config_module
 from .config import EvalConfig
 from .errors import UserError
 from .paths import cache_root
@@ -15,15 +17,17 @@ from .paths import cache_root
 RESULTS_FILE = "results.json"
 
 
-def configure_environment(cache_dir: str | os.PathLike | None = None) -> None:
-    """Keep lm-eval, datasets and MLflow offline and out of site-packages.
+def configure_environment(cache_dir: str | os.PathLike | None = None, *, offline: bool = False) -> None:
+    """Keep lm-eval's files and MLflow's telemetry out of the way; go offline only when asked.
 
+    The user's environment decides whether the Hugging Face hub is reached (a user with internet
+    downloads lm-eval's benchmark datasets the first time); ``offline`` (``--offline``) forces it off.
     Must run before lm_eval is imported: it reads its cache location at import time.
     """
     cache_dir = Path(cache_dir) if cache_dir else cache_root()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HOME", str(cache_dir / "hf"))
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.setdefault("LM_HARNESS_CACHE_PATH", str(cache_dir / "lm_eval_requests"))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap pool must not fork under JAX
@@ -91,10 +95,16 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
 
     from .lm_eval_stats import fast_stderrs
     from .lm_eval_templates import cached_templates
+    from .request_cache import FEWSHOT_SEED, keyed_request_cache
 
     manager = task_manager(config.evaluation_tasks, config.include_path)
+    keyed_requests = contextlib.nullcontext()
+    if config.cache_requests:
+        keyed_requests = keyed_request_cache(
+            cache_root() / "lm_eval_requests", tokenizer=lm.tokenizer_name,
+            chat_template=lm.chat_template(config.apply_chat_template) if config.apply_chat_template else None)
     try:
-        with fast_stderrs(), cached_templates():
+        with fast_stderrs(), cached_templates(), keyed_requests:
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(config.evaluation_tasks),
@@ -107,6 +117,7 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
                 system_instruction=config.system_instruction,
                 apply_chat_template=config.apply_chat_template,
                 task_manager=manager,
+                fewshot_random_seed=FEWSHOT_SEED,
             )
     except UserError:
         raise
@@ -141,15 +152,7 @@ def write_results(output: dict, output_path: str | os.PathLike) -> Path:
 def engine_settings(config: EvalConfig):
     from .engine.loop import EngineSettings
 
-    return EngineSettings(
-        batch_size=config.batch_size,
-        chunk_size=config.infinite_eval_chunksize,
-        infinite=config.use_infinite_eval,
-        context_length=config.context_length,
-        worker_count=config.worker_count,
-        worker_buffer_size=config.worker_buffer_size,
-        debug=config.debug,
-    )
+    return EngineSettings(**config_module.engine_values(config))
 
 
 def evaluate_model(model, tokenizer, config: EvalConfig, checkpoint: dict | None = None, *, show_progress: bool = True) -> dict:
@@ -158,7 +161,7 @@ def evaluate_model(model, tokenizer, config: EvalConfig, checkpoint: dict | None
     ``checkpoint`` ({path, step, fingerprint, mlflow_run_id}) identifies what was evaluated. With
     ``config.output_path`` set, ``results.json`` (and samples) are written there.
     """
-    configure_environment()
+    configure_environment(offline=config.offline)
     from .lm import JaxLM
     from .lm_eval_stats import add_token_perplexity
 

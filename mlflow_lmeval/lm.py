@@ -45,7 +45,7 @@ class JaxLM(TemplateLM):
         super().__init__()
         if tokenizer.vocab_size > model.vocab_size:
             raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's ({model.vocab_size})")
-        self.sp = tokenizer
+        self.tokenizer = tokenizer
         self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None,
                              cache=cache, fingerprint=fingerprint)
         self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
@@ -55,21 +55,27 @@ class JaxLM(TemplateLM):
     # ---- tokenization -----------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.sp.eos_id
+        return self.tokenizer.eos_id
 
     @property
     def prefix_token_id(self) -> int:
-        return self.sp.bos_id
+        """lm-eval's ``hf`` rule: BOS where the tokenizer has one, else EOS."""
+        bos = self.tokenizer.bos_id
+        return bos if bos is not None and bos >= 0 else self.tokenizer.eos_id
 
     @property
     def tokenizer_name(self) -> str:
-        return "sentencepiece"
+        """The tokenizer's identity (lm-eval puts it into its request-cache key). A tokenizer
+        without a ``name`` is named by its class: requests are strings, so only chat-template
+        rendering could depend on it, and our templates do not."""
+        name = getattr(self.tokenizer, "name", None)
+        return name or f"{type(self.tokenizer).__module__}.{type(self.tokenizer).__qualname__}"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.sp.encode(string)
+        return self.tokenizer.encode(string)
 
     def tok_decode(self, tokens) -> str:
-        return self.sp.decode(tokens)
+        return self.tokenizer.decode(tokens)
 
     # ---- scoring ------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -35,6 +36,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    @property
+    def name(self) -> str:
+        """An identity that changes with the model's pieces: ``sentencepiece:<sha256 prefix>``."""
+        return "sentencepiece:" + hashlib.sha256(self.model_bytes).hexdigest()[:16]
 
     @property
     def bos_id(self) -> int:

@@ -26,8 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .errors import UserError
+from . import config as config_module
 from . import store_lock
+from .errors import UserError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -48,12 +49,12 @@ TAG_PUBLISHER = "lmeval.publisher"  # host:pid of the process writing the run, t
 ABANDONED_AFTER_S = 3600
 
 _NOT_METRICS = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
-# Settings that cannot change a score (where files go, how fast it runs); everything else,
-# including settings added later, counts towards the identity, which errs on the safe side.
-_NON_SCORE_SETTINGS = frozenset({
-    "output_path", "include_path", "batch_size", "batch_sizes", "worker_count", "worker_buffer_size",
-    "cache_requests", "write_out", "log_samples", "infinite_eval_chunksize", "device", "use_cache",
-    "model", "show_progress",
+# Entries of lm-eval's own ``config`` section that cannot change a score (our settings say so in
+# EvalConfig's metadata). Everything else, including entries added later, counts towards the
+# identity, which errs on the safe side.
+_LM_EVAL_NON_SCORE = frozenset({
+    "batch_size", "batch_sizes", "device", "use_cache", "model", "show_progress", "cache_requests", "write_out",
+    "log_samples",
 })
 _MAX_KEY = 250  # MLflow's limit on metric/param/tag keys
 _MAX_PARAM_VALUE = 6000
@@ -320,13 +321,13 @@ def task_config_digest(results: Mapping[str, Any]) -> str:
 
 def settings_digest(results: Mapping[str, Any]) -> str:
     """``sha256:<hex>`` over the evaluation settings that can change a score."""
-    def score_settings(section: Any) -> dict:
-        section = section if isinstance(section, Mapping) else {}
-        return {k: v for k, v in section.items() if k not in _NON_SCORE_SETTINGS}
+    def section(name: str) -> dict:
+        value = results.get(name)
+        return dict(value) if isinstance(value, Mapping) else {}
 
     return "sha256:" + _sha256({
-        "eval_config": score_settings(results.get("eval_config")),
-        "lm_eval": score_settings(results.get("config")),
+        "eval_config": config_module.score_settings(section("eval_config")),
+        "lm_eval": {k: v for k, v in section("config").items() if k not in _LM_EVAL_NON_SCORE},
     })
 
 

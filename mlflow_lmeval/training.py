@@ -121,7 +121,8 @@ def train(
         interval_tokens += settings.batch_size * settings.sequence_length
         if step % settings.log_every == 0 or step == settings.steps:
             loss = float(loss)  # the only host sync, once per logging interval
-            elapsed = time.perf_counter() - interval_start
+            # Live evaluations ran inside this interval; their time is not training throughput.
+            elapsed = time.perf_counter() - interval_start - paused
             if on_log:
                 on_log(step, {"loss": loss, "tokens_per_s": interval_tokens / elapsed})
             interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
@@ -136,7 +137,7 @@ def train(
         if on_step:
             started = time.perf_counter()
             on_step(step, params)
-            paused += time.perf_counter() - started  # evaluation time is not training throughput
+            paused += time.perf_counter() - started
     return saved
 
 

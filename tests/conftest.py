@@ -11,6 +11,7 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH}/mlflow.db"
 os.environ["MLFLOW_LMEVAL_CACHE"] = f"{_SCRATCH}/cache"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", f"{_SCRATCH}/hf")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DISABLE_MULTIPROC", "1")
 

@@ -42,8 +42,8 @@ def empty_target_task(tmp_path_factory):
     [
         (dict(tasks="no_such_task"), "unknown task(s): no_such_task"),
         (dict(include_path="/nonexistent/tasks"), "include path not found: /nonexistent/tasks"),
-        (dict(chunk_size=0), "chunk size) must be a positive integer, got 0"),
-        (dict(batch_size=-2), "batch_size must be a positive integer, got -2"),
+        (dict(chunk_size=0), "--chunk_size must be a positive integer, got 0"),
+        (dict(batch_size=-2), "--batch_size must be a positive integer, got -2"),
         (dict(tasks="empty_target", include_path="EMPTY"), "tokenizes to nothing"),
         (dict(checkpoint="/nonexistent/step_1"), "checkpoint not found"),
     ],

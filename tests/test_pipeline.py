@@ -150,7 +150,7 @@ def test_dvc_metrics_show_lists_the_metrics(repo):
     [
         ({"train": {"stepz": 3}}, "unknown param train.stepz"),
         ({"train": {"checkpoint_steps": [-5]}}, "train.checkpoint_steps has -5"),
-        ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size must be positive"),
+        ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size must be a positive integer"),
         ({"evaluate": {"checkpoints": {"mine": "/nonexistent/step_1"}}}, "evaluate.checkpoints.mine: checkpoint directory not found"),
     ],
     ids=["unknown-key", "negative-step", "zero-batch", "missing-checkpoint-dir"],

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from ..config import EvalConfig
+from .. import config as config_module
+from ..config import ConfigError, EvalConfig
 from ..errors import UserError
 
 PARAMS_FILE = "params.yaml"
@@ -41,36 +42,35 @@ class TrainParams:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
+    """``evaluate:``: the checkpoints to evaluate, and the EvalConfig fields that have a params name
+    (config.Setting.param); their defaults are EvalConfig's own."""
+
     checkpoints: dict = dataclasses.field(default_factory=dict)  # stage name -> checkpoint directory
-    tasks: tuple[str, ...] = ()
-    include_path: str = "data/tasks"
-    num_fewshot: int | None = None
-    limit: int | float | None = None
-    batch_size: int = 8
-    chunk_size: int = 64
-    use_infinite_eval: bool = True
-    context_length: int | None = None
-    bootstrap_iters: int = 100_000
-    log_samples: bool = False
-    worker_count: int = 0
-    worker_buffer_size: int = 1
+    settings: EvalConfig = EvalConfig(include_path="data/tasks")
+
+    @classmethod
+    def from_params(cls, values: dict) -> "EvaluateParams":
+        names = config_module.param_names()
+        unknown = sorted(set(values) - set(names) - {"checkpoints"})
+        if unknown:
+            raise UserError(f"params.yaml: unknown param evaluate.{unknown[0]} (known: checkpoints, {', '.join(names)})")
+        fields = {names[k]: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+        try:
+            settings = cls().settings.replace(**fields)
+        except ConfigError as error:
+            param = config_module.settings()[error.name].param
+            raise UserError(f"params.yaml: evaluate.{param} {error.problem}") from None
+        return cls(values.get("checkpoints") or {}, settings)
+
+    def __getattr__(self, name: str):
+        """A param by its params.yaml name (``params["evaluate"].include_path``)."""
+        field = config_module.param_names().get(name)
+        if field is None:
+            raise AttributeError(name)
+        return getattr(self.settings, field)
 
     def eval_config(self, output_path: str) -> EvalConfig:
-        return EvalConfig(
-            evaluation_tasks=self.tasks,
-            include_path=self.include_path,
-            num_fewshot=self.num_fewshot,
-            limit_requests=self.limit,
-            batch_size=self.batch_size,
-            infinite_eval_chunksize=self.chunk_size,
-            use_infinite_eval=self.use_infinite_eval,
-            context_length=self.context_length,
-            bootstrap_iters=self.bootstrap_iters,
-            log_samples=self.log_samples,
-            worker_count=self.worker_count,
-            worker_buffer_size=self.worker_buffer_size,
-            output_path=output_path,
-        )
+        return self.settings.replace(output_path=output_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,8 @@ def _build(section: str, values: Any):
         values = {}
     if not isinstance(values, dict):
         raise UserError(f"params.yaml: '{section}' must be a mapping")
+    if cls is EvaluateParams:
+        return EvaluateParams.from_params(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -119,7 +121,7 @@ def _check(params: dict) -> None:
             raise UserError(f"params.yaml: {section}.{name} must be positive, got {value}")
 
     for section, name in [("train", "steps"), ("train", "batch_size"), ("train", "sequence_length"), ("train", "learning_rate"),
-                          ("evaluate", "batch_size"), ("evaluate", "chunk_size"), ("prepare", "vocab_size"), ("prepare", "document_words")]:
+                          ("prepare", "vocab_size"), ("prepare", "document_words")]:
         positive(section, name)
     for step in train.checkpoint_steps:
         if not isinstance(step, int) or isinstance(step, bool) or not 1 <= step <= train.steps:
