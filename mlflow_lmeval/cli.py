@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config as config_module
@@ -230,5 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The console entry point. After an error exit nothing may print again: a library's
+    background thread (orbax's asyncio loop) can raise while the interpreter shuts down and
+    print a traceback under the one-line error, so the process ends at once instead."""
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -26,13 +26,15 @@ Sampling schemes (both seeded; results do not depend on the chunk size):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -343,7 +345,7 @@ def _check_same_documents(task: str, a: _TaskSamples, b: _TaskSamples) -> None:
     differing = [d for d, h in a.doc_hashes.items() if d in b.doc_hashes and b.doc_hashes[d] != h]
     if differing:
         raise UserError(f"task {task}: A and B scored different documents ({len(differing)} doc_id(s) hold different "
-                        f"text, e.g. doc_id {sorted(differing, key=str)[0]}); the datasets differ")
+                        f"text, e.g. doc_id {min(differing, key=str)}); the datasets differ")
 
 
 def _metric_keys(values: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -540,7 +542,7 @@ def write_consecutive_comparisons(results_dirs_by_step: Mapping[int, Path], out_
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = sorted(results_dirs_by_step)
     written = []
-    for step_a, step_b in zip(steps, steps[1:]):
+    for step_a, step_b in itertools.pairwise(steps):
         try:
             comparison = compare(results_dirs_by_step[step_a], results_dirs_by_step[step_b], iterations, seed)
         except UserError as error:
@@ -643,7 +645,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on an ``add_subparsers()`` object; returns the new parser."""
     parser = subparsers.add_parser(
         "compare", help="paired significance of B - A per task and metric (needs --log_samples results)",
-        description="Compare two results directories document by document: B - A with a 95%% paired-bootstrap "
+        description="Compare two results directories document by document: B - A with a 95% paired-bootstrap "
                     "CI, a p-value, and McNemar's test for 0/1 metrics.")
     parser.add_argument("a", help="baseline results directory (results.json + samples_<task>.jsonl)")
     parser.add_argument("b", help="results directory to compare against A")

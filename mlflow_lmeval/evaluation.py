@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import re
+import subprocess
+from unittest import mock
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +91,39 @@ def json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=handle_non_serializable))
 
 
+def git_describe() -> str | None:
+    """``git describe --always`` of the working directory, or None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def run_lm_eval(lm, config: EvalConfig) -> dict:
     """Run lm-eval's ``simple_evaluate`` on an LM with everything the config sets."""
     import lm_eval
+    import lm_eval.evaluator
 
     from .lm_eval_stats import fast_stderrs
     from .lm_eval_templates import cached_templates
     from .request_cache import FEWSHOT_SEED, keyed_request_cache
+    from .task_errors import function_error, named_task_errors
 
-    manager = task_manager(config.evaluation_tasks, config.include_path)
+    try:
+        manager = task_manager(config.evaluation_tasks, config.include_path)
+    except ImportError as error:  # a !function naming a module that is not there
+        raise function_error(error, config.include_path) from None
     keyed_requests = contextlib.nullcontext()
     if config.cache_requests:
         keyed_requests = keyed_request_cache(
             cache_root() / "lm_eval_requests", tokenizer=lm.tokenizer_name,
             chat_template=lm.chat_template(config.apply_chat_template) if config.apply_chat_template else None)
     try:
-        with fast_stderrs(), cached_templates(), keyed_requests:
+        # lm-eval runs `git describe` with its stderr on ours: outside a checkout that prints
+        # "fatal: not a git repository". Ask git quietly instead.
+        quiet_git = mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", git_describe)
+        with fast_stderrs(), cached_templates(), keyed_requests, quiet_git, named_task_errors(manager):
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(config.evaluation_tasks),
@@ -121,6 +140,8 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
             )
     except UserError:
         raise
+    except ImportError as error:
+        raise function_error(error, config.include_path) from None
     except StopIteration:  # lm-eval's way of meeting a task without documents
         raise UserError(f"a task has no documents to evaluate (an empty dataset or split?): {', '.join(config.evaluation_tasks)}") from None
     except (FileNotFoundError, ValueError, KeyError) as error:

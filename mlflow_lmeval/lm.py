@@ -180,8 +180,15 @@ class JaxLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        template = ImmutableSandboxedEnvironment().from_string(self._chat_template or DEFAULT_CHAT_TEMPLATE)
-        return template.render(messages=chat_history, add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            template = ImmutableSandboxedEnvironment().from_string(self._chat_template or DEFAULT_CHAT_TEMPLATE)
+            return template.render(messages=chat_history, add_generation_prompt=add_generation_prompt)
+        except TemplateError as error:
+            line = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
+            raise UserError(f"the chat template (--apply_chat_template) cannot be rendered{line}: "
+                            f"{type(error).__name__}: {error}") from None
 
 
 def _describe(request) -> str:

@@ -106,3 +106,85 @@ def train_tokenizer(input_path: str | os.PathLike, vocab_size: int, output_path:
     output_path.parent.mkdir(parents=True, exist_ok=True)
     output_path.write_bytes(model.getvalue())
     return Tokenizer(model.getvalue())
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer.json behind the same interface as ``Tokenizer``.
+
+    It follows lm-eval's ``hf`` backend: ``encode`` adds no special tokens (the evaluator adds the
+    prefix token itself), ``decode`` drops them. BOS, EOS and PAD come from tokenizer_config.json,
+    as ``transformers.AutoTokenizer`` reads them; a token that is not set there is None. Nothing is
+    ever fetched from a hub.
+    """
+
+    def __init__(self, tokenizer_json: bytes, special_tokens: dict | None = None):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self.tokenizer_json = tokenizer_json
+        self._tokenizer = _Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        self._special = special_tokens or {}
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
+        """Read ``directory/tokenizer.json`` and, when present, ``directory/tokenizer_config.json``."""
+        import json
+
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"tokenizer not found: {path}")
+        config_path = directory / "tokenizer_config.json"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except ValueError as error:
+            raise UserError(f"not valid JSON: {config_path} ({error})") from None
+        try:
+            return cls(path.read_bytes(), config)
+        except Exception as error:  # tokenizers raises its own exception types
+            raise UserError(f"not a Hugging Face tokenizer.json: {path} ({error})") from None
+
+    def _special_id(self, key: str) -> int | None:
+        token = self._special.get(key)
+        if isinstance(token, dict):  # the older AddedToken form: {"content": "<s>", ...}
+            token = token.get("content")
+        if not token:
+            return None
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise UserError(f"tokenizer_config.json: {key} {token!r} is not in the vocabulary")
+        return token_id
+
+    @property
+    def name(self) -> str:
+        """An identity of the tokenizer's behaviour: a digest of tokenizer.json and its specials."""
+        import hashlib
+
+        digest = hashlib.sha256(self.tokenizer_json)
+        digest.update(repr([self.bos_id, self.eos_id, self.pad_id]).encode())
+        return "hf-tokenizers:" + digest.hexdigest()[:16]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special_id("unk_token")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -498,14 +498,35 @@ def _one_line(error: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_REASONS = (  # (hint in the error's text, what to say), first match wins
+    (("error code 401", "unauthorized", "unauthenticated"), "401 unauthorized"),
+    (("error code 403", "permission_denied", "forbidden"), "403 forbidden"),
+    (("connection refused", "failed to establish a new connection"), "connection refused"),
+    (("timed out", "timeout"), "timed out"),
+    (("name or service not known", "nodename nor servname", "temporary failure in name resolution"), "host not found"),
+    (("unable to open database file",), "cannot open the database file"),
+    (("connection reset", "remotedisconnected", "connection aborted"), "connection dropped"),
+)
+
+
+def unavailable_reason(error: BaseException) -> str:
+    """A few words for why a server could not be used: refused, timed out, 401, ..."""
+    text = str(error).lower()
+    for hints, reason in _REASONS:
+        if any(hint in text for hint in hints):
+            return reason
+    return _one_line(error, 60)
+
+
 def tracking_error(error: BaseException, uri: str, doing: str) -> TrackingError:
-    """Translate an MLflow/HTTP failure into a one-line TrackingUnavailable or TrackingError."""
+    """Translate an MLflow/HTTP failure into a one-line TrackingUnavailable or TrackingError.
+
+    An unreachable server gets a short reason, not the HTTP library's whole exception."""
     if isinstance(error, TrackingError):
         return error
     where = redact_uri(uri)
     if _is_unavailable(error):
-        return TrackingUnavailable(
-            f"tracking server {where} is unreachable or refused access while {doing}: {_one_line(error)}")
+        return TrackingUnavailable(f"tracking server {where} unreachable or refused access ({unavailable_reason(error)}) while {doing}")
     return TrackingError(f"{doing} failed (tracking URI {where}): {_one_line(error)}")
 
 

@@ -100,7 +100,7 @@ def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking 
         outcome = publish_results(config.output_path, tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
                                   training_run_id=training_run_id)
     except TrackingError as error:
-        message = f"{error} (results are safe in {config.output_path}/results.json; publish later with `mlflow-lmeval sync {config.output_path}`)"
+        message = f"{error}; results safe in {config.output_path}, publish later: mlflow-lmeval sync {config.output_path}"
         if strict:
             raise type(error)(message) from None
         warnings.warn(message)

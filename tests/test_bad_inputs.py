@@ -52,7 +52,55 @@ def test_empty_task(checkpoint, tmp_path):
 def test_non_utf8_task_data(checkpoint, tmp_path):
     write_task(tmp_path / "tasks", "latin", b'{"text": "caf\xe9 au lait"}\n')
     code, last, err = evaluate_cli(checkpoint, "latin", tmp_path / "tasks", tmp_path / "out")
-    assert code == 2 and "UnicodeDecodeError" in last, err
+    assert code == 2 and "UnicodeDecodeError" in last and "latin.jsonl" in last, err
+
+
+def test_mistakes_in_tasks_data_and_templates_are_exit_2_naming_the_file(checkpoint, tmp_path):
+    """Rows 26-29 of docs/errors.md, run side by side (each is a CLI start)."""
+    tasks = tmp_path / "tasks"
+    write_task(tasks / "json", "badjson", b'{"text": "a b"}\n{"text": broken\n')
+    write_task(tasks / "field", "badfield", b'{"text": "a b"}\n')
+    (tasks / "field" / "badfield.yaml").write_text((tasks / "field" / "badfield.yaml").read_text().replace("{{text}}", "{{nosuch}}"))
+    write_task(tasks / "func", "badfunc", b'{"text": "a b"}\n')
+    (tasks / "func" / "badfunc.yaml").write_text(
+        f"task: badfunc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'func' / 'badfunc.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: !function nosuchmodule.fn\ndoc_to_target: ' end'\n")
+    write_task(tasks / "chat", "good", b'{"text": "a b"}\n')
+    base = ["evaluate", "--checkpoint", checkpoint.path, "--no_tracking", "--no_cache", "--bootstrap_iters", "0"]
+    cases = {
+        "badjson": (["--tasks", "badjson", "--include_path", tasks / "json"], ["task badjson", "badjson.jsonl", "Trailing data"]),
+        "badfield": (["--tasks", "badfield", "--include_path", tasks / "field"], ["task badfield", "badfield.yaml", "'nosuch' is undefined"]),
+        "badfunc": (["--tasks", "badfunc", "--include_path", tasks / "func"], ["badfunc.yaml:", "nosuchmodule.fn", "cannot be imported"]),
+        "chat": (["--tasks", "good", "--include_path", tasks / "chat", "--apply_chat_template", "{% for m in messages %}{{ m }"],
+                 ["chat template", "line 1", "TemplateSyntaxError"]),
+    }
+    running = {name: subprocess.Popen([sys.executable, "-m", "mlflow_lmeval.cli", *map(str, base + args + ["--output_path", tmp_path / name])],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, (args, _) in cases.items()}
+    for name, process in running.items():
+        _, err = process.communicate(timeout=300)
+        last = err.strip().splitlines()[-1]
+        assert process.returncode == 2 and last.startswith("error: "), (name, err)
+        assert all(part in last for part in cases[name][1]), (name, last)
+
+
+def test_corrupt_checkpoint_is_one_line_and_nothing_after_it(checkpoint, tmp_path, local_tasks):
+    """Orbax's background thread once printed an asyncio traceback at exit after the error line."""
+    import shutil
+
+    broken = tmp_path / "step_1"
+    shutil.copytree(checkpoint.path, broken)
+    for data in (broken / "params").rglob("*"):
+        if data.is_file() and data.stat().st_size > 0 and data.name != "_METADATA":
+            data.write_bytes(b"\0" * data.stat().st_size)
+    directory, names = local_tasks
+    args = [sys.executable, "-m", "mlflow_lmeval.cli", "evaluate", "--checkpoint", broken, "--tasks", names[1],
+            "--include_path", directory, "--no_tracking"]
+    running = [subprocess.Popen([*map(str, args), "--output_path", str(tmp_path / f"o{i}")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for process in running:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 2 and err.strip().splitlines()[-1].startswith("error: "), err
+        assert "Traceback" not in err and "Event loop is closed" not in err, err
 
 
 def test_non_utf8_corpus_is_read_with_replacement(tmp_path, tokenizer):

@@ -5,13 +5,17 @@ Per head, with query q, key k, value v, input-gate pre-activation i~ and log for
     m_t = max(log f_t + m_{t-1}, i~_t)                      # stabiliser
     C_t = exp(log f_t + m_{t-1} - m_t) C_{t-1} + exp(i~_t - m_t) v_t k_t^T
     n_t = exp(log f_t + m_{t-1} - m_t) n_{t-1} + exp(i~_t - m_t) k_t
-    h_t = C_t q_t / max(|n_t . q_t|, exp(-m_t))
+    h_t = C_t q_t / (max(|n_t . q_t|, exp(-m_t)) + eps)
 
 Two forms compute the same thing. ``mlstm_chunkwise`` splits a sequence into segments and
 handles each segment at once with ``mlstm_parallel``, carrying the state between segments: memory
 grows linearly with length, and it serves both training and chunked evaluation.
 ``mlstm_recurrent`` scans one token at a time. A masked position gets log f = 0 and i~ = -inf, which leaves
 (C, n, m) exactly unchanged in the recurrence.
+
+The kernels are shared with transformers' xLSTM (``xlstm.py``): any query/key scaling is the
+caller's, C is laid out [value dim, key dim], and ``eps`` (0 here, ``config.eps`` there) is added
+to the denominator as transformers does.
 """
 
 from __future__ import annotations
@@ -94,11 +98,12 @@ def init_state(config: MLSTMConfig, batch_size: int) -> State:
     )
 
 
-def mlstm_parallel(q, k, v, log_i, log_f, state):
+def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0):
     """One segment of the mLSTM, all positions at once, starting from ``state``.
 
-    q, k, v: [B, T, H, D]; log_i, log_f: [B, T, H]; state: (C [B,H,D,D], n [B,H,D], m [B,H]).
-    Returns h [B, T, H, D] and the state after the segment.
+    q, k: [B, T, H, K]; v: [B, T, H, V]; log_i, log_f: [B, T, H];
+    state: (C [B,H,V,K], n [B,H,K], m [B,H]).
+    Returns h [B, T, H, V] and the state after the segment.
     """
     c0, n0, m0 = state
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, D]
@@ -116,7 +121,7 @@ def mlstm_parallel(q, k, v, log_i, log_f, state):
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * w
     numerator = scores @ v + w0[..., None] * jnp.einsum("bhde,bhte->bhtd", c0, q)
     denominator = scores.sum(-1) + w0 * jnp.einsum("bhe,bhte->bht", n0, q)
-    h = numerator / jnp.maximum(jnp.abs(denominator), jnp.exp(-m))[..., None]
+    h = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m)) + eps)[..., None]
 
     log_w_end = decay[..., -1:] - decay + log_i  # weight of each input at the segment's end
     log_w0_end = decay[..., -1] + m0
@@ -128,7 +133,7 @@ def mlstm_parallel(q, k, v, log_i, log_f, state):
     return h.transpose(0, 2, 1, 3), (c_end, n_end, m_end)
 
 
-def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int):
+def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: float = 0.0):
     """``mlstm_parallel`` over consecutive segments with the state carried; shapes as there.
 
     The tail is padded with masked positions (log i = -inf, log f = 0), which leave the state as
@@ -136,7 +141,7 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int):
     """
     batch, length = q.shape[:2]
     if length <= segment_length:
-        return mlstm_parallel(q, k, v, log_i, log_f, state)
+        return mlstm_parallel(q, k, v, log_i, log_f, state, eps)
     segments = -(-length // segment_length)
     pad = segments * segment_length - length
 
@@ -147,7 +152,7 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int):
     inputs = (split(q, 0.0), split(k, 0.0), split(v, 0.0), split(log_i, -jnp.inf), split(log_f, 0.0))
 
     def segment(carry, xs):
-        h, carry = mlstm_parallel(*xs, carry)
+        h, carry = mlstm_parallel(*xs, carry, eps)
         return carry, h
 
     state, h = jax.lax.scan(segment, state, inputs)
@@ -155,9 +160,8 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int):
     return h[:, :length], state
 
 
-def mlstm_recurrent(q, k, v, log_i, log_f, state):
+def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0):
     """The same as ``mlstm_parallel``, one token at a time; shapes as there."""
-
 
     def step(carry, inputs):
         c, n, m = carry
@@ -171,7 +175,7 @@ def mlstm_recurrent(q, k, v, log_i, log_f, state):
         n = forget_weight[..., None] * n + input_weight[..., None] * k_t
         numerator = jnp.einsum("bhde,bhe->bhd", c, q_t)
         denominator = jnp.einsum("bhe,bhe->bh", n, q_t)
-        h_t = numerator / jnp.maximum(jnp.abs(denominator), jnp.exp(-m_new))[..., None]
+        h_t = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m_new)) + eps)[..., None]
         return (c, n, m_new), h_t
 
     time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_i, log_f)]

@@ -1,0 +1,180 @@
+"""Hugging Face ``save_pretrained`` directories: config.json + safetensors + tokenizer.json.
+
+    <dir>/                       (a name like step_1000/ or checkpoint-1000/ gives the step)
+      config.json                model_type "xlstm" (transformers' xLSTMForCausalLM)
+      model.safetensors          or model.safetensors.index.json + the shards it names
+      tokenizer.json             Hugging Face `tokenizers`
+      tokenizer_config.json      bos/eos/pad tokens (optional)
+
+Weights are read shard by shard, tensor by tensor (memory-mapped by safetensors), cast to the
+requested dtype and moved to the device at once, so the host never holds a second copy of the
+model. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from ..errors import UserError
+from ..tokenizer import HFTokenizer
+from . import xlstm
+from .protocol import LanguageModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SUPPORTED_MODEL_TYPES = ("xlstm",)
+_STEP = re.compile(r"^(?:step|checkpoint)[_-](\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HFCheckpoint:
+    """A loaded directory: the model under the contract, its tokenizer and its identity."""
+
+    model: LanguageModel
+    tokenizer: HFTokenizer
+    path: Path
+    step: int
+    fingerprint: str
+    config: dict  # config.json as written
+    model_config: xlstm.XLSTMConfig
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a directory with config.json and safetensors weights (single file or index)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and ((path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
+def step_of(path: Path) -> int:
+    """N for a directory named step_N or checkpoint-N (trainers' and transformers' conventions), else 0."""
+    match = _STEP.match(path.name)
+    return int(match.group(1)) if match else 0
+
+
+def read_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise UserError(f"not a directory: {path}")
+    if not config_path.is_file():
+        raise UserError(f"not a Hugging Face checkpoint: {path} has no {CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UserError(f"not valid JSON: {config_path} ({error})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{config_path}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in a fixed order; all of them must exist."""
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    index_path = path / INDEX_FILE
+    if not index_path.is_file():
+        raise UserError(f"not a Hugging Face checkpoint: {path} has no {WEIGHTS_FILE} or {INDEX_FILE}")
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{index_path}: not a safetensors index ({error!r})") from None
+    shards = sorted(set(weight_map.values()))
+    missing = [name for name in shards if not (path / name).is_file()]
+    if missing:
+        raise UserError(f"{path}: missing weight shards named in {INDEX_FILE}: {', '.join(missing)}")
+    return [path / name for name in shards]
+
+
+def fingerprint(files: list[Path]) -> str:
+    """sha256 over the files' names and bytes, streamed in 1 MiB blocks (checkpoints are large)."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_weights(files: list[Path], config: xlstm.XLSTMConfig, dtype) -> dict:
+    """Our parameter tree from safetensors files, checked name by name and shape by shape.
+
+    Each tensor goes file -> (memory map) -> cast -> device before the next is read.
+    """
+    from safetensors import safe_open
+
+    expected = xlstm.hf_parameter_shapes(config)
+    params: dict = {}
+    seen: set[str] = set()
+    for file in files:
+        try:
+            handle = safe_open(file, framework="numpy")
+        except Exception as error:  # safetensors raises its own error types
+            raise UserError(f"not a safetensors file: {file} ({error})") from None
+        with handle:
+            for name in handle.keys():
+                if name not in expected:
+                    raise UserError(f"{file.name}: weight {name!r} is not part of the xlstm model config.json describes")
+                shape = tuple(handle.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise UserError(f"{file.name}: weight {name} has shape {shape}, config.json implies {expected[name]}")
+                _set(params, xlstm.param_path(name), jnp.asarray(handle.get_tensor(name), dtype=dtype))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing == ["lm_head.weight"] and config.tie_word_embeddings:
+        # A tied export may omit the head; transformers would initialise it randomly instead.
+        params["lm_head"] = {"weight": params["backbone"]["embeddings"]}
+        missing = []
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"{files[0].parent}: weights missing from the checkpoint: {shown}")
+    return params
+
+
+def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", **overrides) -> HFCheckpoint:
+    """Load a ``save_pretrained`` directory of an xLSTMForCausalLM.
+
+    ``dtype`` ("float32" or "bfloat16") is the dtype of the weights in memory, whatever the files
+    hold; the recurrent state keeps config.json's ``inference_state_dtype``. ``overrides`` set our
+    own config fields (``form``, ``segment_length``).
+    """
+    path = Path(path).absolute()
+    hf_config = read_config(path)
+    files = weight_files(path)
+    if not (path / TOKENIZER_FILE).is_file():
+        raise UserError(f"{path}: no {TOKENIZER_FILE} (a Hugging Face `tokenizers` file is needed to evaluate)")
+    config = xlstm.XLSTMConfig.from_hf(hf_config, **overrides)
+    weights_dtype = xlstm._dtype(dtype)
+    params = load_weights(files, config, weights_dtype)
+    tokenizer = HFTokenizer.load(path)
+    identity_files = [path / CONFIG_FILE, *files, path / TOKENIZER_FILE]
+    if (path / TOKENIZER_CONFIG_FILE).is_file():
+        identity_files.append(path / TOKENIZER_CONFIG_FILE)
+    return HFCheckpoint(
+        model=xlstm.as_language_model(config, params, dtype=weights_dtype),
+        tokenizer=tokenizer,
+        path=path,
+        step=step_of(path),
+        fingerprint=fingerprint(identity_files),
+        config=hf_config,
+        model_config=config,
+    )
