@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from . import config as config_module
 from .config import EvalConfig
@@ -210,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_other_threads() -> None:
+    """Past the one-line error, another thread's dying words (orbax's asyncio loop, closed under
+    it) are noise that would land below the error; ``--debug`` keeps them."""
+    threading.excepthook = lambda _args: None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if args.debug:
             raise
+        _silence_other_threads()
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
@@ -225,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
+        _silence_other_threads()
         first_line = (str(error).strip().splitlines() or [""])[0]
         print(f"internal error: {type(error).__name__}: {first_line} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -114,16 +113,14 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
         manager = task_manager(config.evaluation_tasks, config.include_path)
     except ImportError as error:  # a !function naming a module that is not there
         raise function_error(error, config.include_path) from None
-    keyed_requests = contextlib.nullcontext()
-    if config.cache_requests:
-        keyed_requests = keyed_request_cache(
-            cache_root() / "lm_eval_requests", tokenizer=lm.tokenizer_name,
-            chat_template=lm.chat_template(config.apply_chat_template) if config.apply_chat_template else None)
+    keyed_requests = keyed_request_cache(
+        cache_root() / "lm_eval_requests" if config.cache_requests else None, tokenizer=lm.tokenizer_name,
+        chat_template=lm.chat_template(config.apply_chat_template) if config.apply_chat_template else None)
     try:
         # lm-eval runs `git describe` with its stderr on ours: outside a checkout that prints
         # "fatal: not a git repository". Ask git quietly instead.
         quiet_git = mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", git_describe)
-        with fast_stderrs(), cached_templates(), keyed_requests, quiet_git, named_task_errors(manager):
+        with fast_stderrs(), cached_templates(), keyed_requests as documents, quiet_git, named_task_errors(manager):
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(config.evaluation_tasks),
@@ -148,6 +145,7 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
         raise UserError(f"lm-eval could not run the tasks: {type(error).__name__}: {error}") from error
     if output is None:
         raise UserError("lm-eval returned no results")
+    output["task_documents"] = documents  # what was scored, for the evaluation's identity
     return output
 
 

@@ -68,12 +68,12 @@ def documents_digest(docs) -> str:
     return digest.hexdigest()
 
 
-def request_key(task, *, num_fewshot, system_instruction, chat_template, tokenizer: str) -> str:
+def request_key(task, *, num_fewshot, system_instruction, chat_template, tokenizer: str, documents: str) -> str:
     """32 hex chars naming one task's built requests (see the module docstring)."""
     shots = 0 if num_fewshot is None else num_fewshot
     described = {
         "config": _plain(task.dump_config()),
-        "documents": documents_digest(task.eval_docs),
+        "documents": documents,
         "fewshot_documents": documents_digest(task.fewshot_docs()) if shots and task.fewshot_docs() is not None else None,
         "num_fewshot": shots,
         "fewshot_seed": FEWSHOT_SEED,
@@ -86,14 +86,20 @@ def request_key(task, *, num_fewshot, system_instruction, chat_template, tokeniz
 
 
 @contextlib.contextmanager
-def keyed_request_cache(root: Path, *, chat_template, tokenizer: str) -> Iterator[None]:
-    """While active, every task's ``build_all_requests`` reads and writes lm-eval's request cache
-    in the directory of its own key. ``chat_template`` is the template text in use (None: none)."""
+def keyed_request_cache(root: Path | None, *, chat_template, tokenizer: str) -> Iterator[dict[str, str]]:
+    """While active, every task's ``build_all_requests`` records its documents' digest in the
+    yielded dict (task name -> ``sha256:<hex>``, for the evaluation's identity) and, with a
+    ``root``, reads and writes lm-eval's request cache in the directory of its own key.
+    ``chat_template`` is the template text in use (None: none); ``root`` None: no caching."""
     original = Task.build_all_requests
+    documents: dict[str, str] = {}
 
     def build_all_requests(task, **kwargs):
+        digest = documents[task.config.task] = "sha256:" + documents_digest(task.eval_docs)
+        if root is None:
+            return original(task, **kwargs)
         key = request_key(task, num_fewshot=task.config.num_fewshot, system_instruction=kwargs.get("system_instruction"),
-                          chat_template=chat_template, tokenizer=tokenizer)
+                          chat_template=chat_template, tokenizer=tokenizer, documents=digest)
         saved = lm_eval_cache.PATH
         lm_eval_cache.PATH = str(root / key)  # lm-eval reads the module global on every load and save
         try:
@@ -103,6 +109,6 @@ def keyed_request_cache(root: Path, *, chat_template, tokenizer: str) -> Iterato
 
     Task.build_all_requests = build_all_requests
     try:
-        yield
+        yield documents
     finally:
         Task.build_all_requests = original

@@ -299,13 +299,15 @@ def _normalise_config(value: Any, key: str = "") -> Any:
 
 
 def task_digest(results: Mapping[str, Any], task: str) -> str:
-    """32 hex chars identifying one task (or group): its normalised config, version and n-shot.
+    """32 hex chars identifying one task (or group): its normalised config, documents, version and n-shot.
 
     Short enough for MLflow's dataset digest (36 chars).
     """
     configs, subtasks = results.get("configs") or {}, results.get("group_subtasks") or {}
     described = {
         "config": _normalise_config(configs.get(task)),
+        # the digest of the documents scored (absent in results from before it was recorded)
+        "documents": (results.get("task_documents") or {}).get(task),
         "version": (results.get("versions") or {}).get(task),
         "n-shot": (results.get("n-shot") or {}).get(task),
         "subtasks": [task_digest(results, sub) for sub in subtasks.get(task, ()) if sub != task],

@@ -200,6 +200,7 @@ def test_identity_follows_checkpoint_tasks_and_score_settings_only():
 
     # Same evaluation elsewhere on disk or run faster: same identity.
     assert identity_after(lambda r: r["eval_config"].update(output_path="/elsewhere", batch_size=64)) == base
+    assert identity_after(lambda r: r["eval_config"].update(response_cache=False, response_cache_path="/c")) == base
     assert identity_after(lambda r: r["configs"]["pydoc_complete"]["dataset_kwargs"]["data_files"].update(
         test="/tmp/dvc-exp-copy/tasks/pydoc_complete.jsonl")) == base
     assert identity_after(lambda r: r["checkpoint"].update(path="/moved", mlflow_run_id="abc")) == base
@@ -207,6 +208,8 @@ def test_identity_follows_checkpoint_tasks_and_score_settings_only():
     assert identity_after(lambda r: r["checkpoint"].update(fingerprint=FINGERPRINTS[100])) != base
     assert identity_after(lambda r: r["configs"]["pydoc_complete"].update(doc_to_text="Q: {{prompt}}")) != base
     assert identity_after(lambda r: r["versions"].update(pydoc_complete=2.0)) != base
+    # The same task name and config over other documents.
+    assert identity_after(lambda r: r.update(task_documents={"pydoc_complete": "sha256:other"})) != base
     assert identity_after(lambda r: r["eval_config"].update(limit_requests=20)) != base
     assert identity_after(lambda r: r["config"].update(fewshot_seed=7)) != base
 

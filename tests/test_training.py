@@ -73,3 +73,22 @@ def test_train_cli_logs_a_run_with_live_evaluations(tmp_path, corpus_path, token
     import json
 
     assert json.loads((tmp_path / "ck/step_4/metadata.json").read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def test_tokens_per_s_leaves_out_time_spent_in_on_step(corpus_path, tokenizer, tiny_config, tmp_path):
+    """A live evaluation runs inside a logging interval; its time is not training throughput."""
+    import time
+
+    from mlflow_lmeval.training import TrainSettings, encode_corpus, train
+
+    tokens = encode_corpus(corpus_path, tokenizer)
+    settings = TrainSettings(steps=6, save_steps=(), batch_size=4, sequence_length=32, log_every=3)
+
+    rates = {}
+    pause_s = 1.2
+    train(tokens, tokenizer, tiny_config, settings, tmp_path, on_log=lambda step, m: rates.__setitem__(step, m["tokens_per_s"]),
+          on_step=lambda step, params: time.sleep(pause_s / 3) if step > 3 else None)
+    interval_tokens = 3 * settings.batch_size * settings.sequence_length
+    # Counting the pause would cap the second interval's rate at interval_tokens / pause_s; three
+    # steps of this tiny model take a small fraction of it.
+    assert rates[6] > 3 * interval_tokens / pause_s, rates

@@ -160,11 +160,18 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     # Host (numpy) leaves: a restore onto device shardings would compare the saving process's device
     # topology with this one's, and fail when one process saved what several processes load.
     target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), jax.eval_shape(lambda: mlstm.init_params(config)))
+    # Closed on every path: a checkpointer left open keeps an asyncio thread that can raise
+    # ("Event loop is closed") while the process exits after an error.
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        params = jax.tree.map(jnp.asarray, ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target))
+        params = jax.tree.map(jnp.asarray, checkpointer.restore(path / PARAMS_DIR, target))
     except Exception as error:  # orbax raises many types for missing or damaged files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # tensorstore appends its whole JSON spec; the first clause says what is wrong
+        first_line = first_line if len(first_line) <= 200 else first_line[:197] + "..."
         raise UserError(f"corrupt checkpoint parameters in {path}: {first_line}") from None
+    finally:
+        checkpointer.close()
     expected = metadata.get("fingerprint")
     if verify and fingerprint(config, params, tokenizer.model_bytes) != expected:
         raise UserError(f"corrupt checkpoint {path}: contents do not match the recorded fingerprint")
