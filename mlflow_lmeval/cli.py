@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 
+from . import compare
 from . import config as config_module
 from .config import EvalConfig
 from .errors import UserError
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--tracking_uri")
     sy.add_argument("--experiment")
     sy.set_defaults(func=_cmd_sync)
+
+    compare.add_parser(commands)
 
     ca = commands.add_parser("cache", help="inspect or clear the resumable response cache")
     ca.add_argument("action", choices=["info", "clear"])

@@ -115,8 +115,10 @@ def _prompts(checkpoint, directory: Path, output: Path, limit=None) -> list[str]
     return [json.loads(line)["arguments"][0][0] for line in lines]
 
 
-def test_request_cache_follows_the_data_the_template_and_the_limit(checkpoint, tmp_path):
-    """The cache stays on throughout: each run must score its own documents."""
+def test_request_cache_follows_the_data_the_template_and_the_limit(checkpoint, tmp_path, monkeypatch, capfd):
+    """The cache stays on throughout: each run must score its own documents. It runs outside a
+    git checkout, where lm-eval's `git describe` used to print "fatal: not a git repository"."""
+    monkeypatch.chdir(tmp_path)
     directory = tmp_path / "tasks"
     directory.mkdir()
     first = [f"alpha {i} one two" for i in range(6)]
@@ -129,3 +131,29 @@ def test_request_cache_follows_the_data_the_template_and_the_limit(checkpoint, t
     assert sorted(_prompts(checkpoint, directory, tmp_path / "r3", limit=4)) == sorted("Q: " + t for t in second[:4])
     # The cache is warm for this config: a larger limit still gives the right count.
     assert sorted(_prompts(checkpoint, directory, tmp_path / "r4", limit=6)) == sorted("Q: " + t for t in second)
+    assert "fatal" not in capfd.readouterr().err
+
+
+def test_tokenizer_name_is_the_tokenizers_identity(checkpoint):
+    import hashlib
+
+    from mlflow_lmeval.lm import JaxLM
+
+    lm = JaxLM(checkpoint.model, checkpoint.tokenizer, show_progress=False)
+    assert lm.tokenizer_name == "sentencepiece:" + hashlib.sha256(checkpoint.tokenizer.model_bytes).hexdigest()[:16]
+
+
+def test_unreachable_hub_dataset_names_both_ways_out(checkpoint, tmp_path):
+    from mlflow_lmeval import UserError
+
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump({
+        "task": "hubtask", "dataset_path": "nobody/not_cached_anywhere", "test_split": "test",
+        "output_type": "loglikelihood", "doc_to_text": "{{text}}", "doc_to_target": " x",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }))
+    config = EvalConfig(evaluation_tasks=("hubtask",), include_path=str(tmp_path), offline=True, bootstrap_iters=0)
+    with pytest.raises(UserError) as raised:
+        evaluate_model(checkpoint.model, checkpoint.tokenizer, config, show_progress=False)
+    message = str(raised.value)
+    assert "task hubtask" in message and "nobody/not_cached_anywhere" in message, message
+    assert "go online" in message and "include:" in message and "dataset_path: json" in message, message

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from ..compare import write_consecutive_comparisons
 from ..errors import UserError
 
 PREPARED = Path("data/prepared")
@@ -178,6 +179,11 @@ def report(params) -> None:
         writer.writerows(rows)
     _plot(rows, columns, REPORTS / "metrics_by_step.png")
     print(f"wrote {REPORTS / 'metrics_by_step.csv'} and {REPORTS / 'metrics_by_step.png'} ({len(rows)} checkpoints)")
+    # Is each checkpoint better than the one before, on the same documents? (paired tests)
+    by_step = {row["step"]: RESULTS / row["checkpoint"] for row in rows}
+    written = write_consecutive_comparisons(by_step, REPORTS / "comparisons", strict=False)
+    if written:
+        print(f"wrote {len(written)} comparison file(s) under {REPORTS / 'comparisons'}")
     if params["tracking"].enabled:
         _log_report_to_training_runs(params)
 
