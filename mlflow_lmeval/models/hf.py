@@ -163,7 +163,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", **ove
     if not (path / TOKENIZER_FILE).is_file():
         raise UserError(f"{path}: no {TOKENIZER_FILE} (a Hugging Face `tokenizers` file is needed to evaluate)")
     config = xlstm.XLSTMConfig.from_hf(hf_config, **overrides)
-    weights_dtype = xlstm._dtype(dtype)
+    weights_dtype = xlstm.resolve_dtype(dtype)
     params = load_weights(files, config, weights_dtype)
     tokenizer = HFTokenizer.load(path)
     identity_files = [path / CONFIG_FILE, *files, path / TOKENIZER_FILE]

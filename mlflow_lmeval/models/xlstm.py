@@ -346,7 +346,8 @@ def init_state(config: XLSTMConfig, batch_size: int) -> State:
     )
 
 
-def _dtype(dtype) -> Any:
+def resolve_dtype(dtype) -> Any:
+    """The weights' dtype from its name ("float32" or "bfloat16"); a jnp dtype passes through."""
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16"):
             raise UserError(f"model dtype {dtype!r} is not supported; choose float32 or bfloat16")
@@ -358,13 +359,13 @@ def init_params(config: XLSTMConfig, *, dtype="float32", seed: int = 0):
     """Random parameters of the right shapes (for tests; checkpoints come from ``models/hf.py``).
     Under ``jax.eval_shape`` this allocates nothing."""
     tokens, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
-    module = XLSTMForCausalLM(config, _dtype(dtype))
+    module = XLSTMForCausalLM(config, resolve_dtype(dtype))
     return module.init(jax.random.key(seed), tokens, init_state(config, 1), mask)["params"]
 
 
 def as_language_model(config: XLSTMConfig, params, *, dtype="float32") -> LanguageModel:
     """The model under the evaluator's contract. ``dtype`` is the dtype of the weights."""
-    module = XLSTMForCausalLM(config, _dtype(dtype))
+    module = XLSTMForCausalLM(config, resolve_dtype(dtype))
 
     def apply(params, tokens, state, mask):
         return module.apply({"params": params}, tokens, state, mask)
