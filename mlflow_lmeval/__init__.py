@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "Checkpoint": "mlflow_lmeval.models.checkpoint",
-    "load": ("mlflow_lmeval.models.checkpoint", "load_checkpoint"),
+    "load": ("mlflow_lmeval.models.loading", "load_any"),
     "LanguageModel": "mlflow_lmeval.models.protocol",
     "from_linen_cache": "mlflow_lmeval.models.protocol",
     "from_nnx": "mlflow_lmeval.models.protocol",

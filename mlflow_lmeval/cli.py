@@ -102,7 +102,8 @@ def _cmd_evaluate(args) -> None:
         from .workflows import evaluate_and_publish
 
         try:
-            results, outcome = evaluate_and_publish(args.checkpoint, config, _tracking(args), training_run_id=args.training_run_id)
+            results, outcome = evaluate_and_publish(args.checkpoint, config, _tracking(args), training_run_id=args.training_run_id,
+                                                   step=args.step)
         finally:
             distributed.stop_followers()
     finally:
@@ -178,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train)
 
     ev = commands.add_parser("evaluate", help="run lm-eval tasks on a checkpoint")
-    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory: ours, or a Hugging Face save_pretrained one")
     config_module.add_arguments(ev)
     ev.add_argument("--training_run_id", help="the MLflow training run (default: the checkpoint's metadata)")
+    ev.add_argument("--step", type=int, help="the checkpoint's training step (default: its metadata, or a step_N / checkpoint-N directory name)")
     multihost = ev.add_argument_group("multi-host evaluation (docs/multihost.md)")
     multihost.add_argument("--coordinator_address", metavar="HOST:PORT",
                            help="process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS)")
@@ -214,10 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _silence_other_threads() -> None:
-    """Past the one-line error, another thread's dying words (orbax's asyncio loop, closed under
-    it) are noise that would land below the error; ``--debug`` keeps them."""
-    threading.excepthook = lambda _args: None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if args.debug:
             raise
-        _silence_other_threads()
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
@@ -236,17 +233,33 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        _silence_other_threads()
         first_line = (str(error).strip().splitlines() or [""])[0]
         print(f"internal error: {type(error).__name__}: {first_line} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 
 
+def _without_closed_loop_noise(hook):
+    """``hook`` (sys.excepthook, sys.unraisablehook or threading.excepthook), silent for
+    "Event loop is closed"."""
+
+    def filtered(*args):
+        error = args[1] if len(args) == 3 else args[0].exc_value  # excepthook's, or the hooks' one argument
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+            return None
+        return hook(*args)
+
+    return filtered
+
+
 def run() -> None:
-    """The console entry point. After an error exit nothing may print again: a library's
-    background thread (orbax's asyncio loop) can raise while the interpreter shuts down and
-    print a traceback under the one-line error, so the process ends at once instead."""
+    """The console entry point. An error exit ends the process at once after its one line, so no
+    library's shutdown work can print below it."""
+    # tensorstore's threads call back into orbax's asyncio loop after a failed restore has closed
+    # it; Python reports that RuntimeError as "unraisable", racing the one-line error.
+    sys.excepthook = _without_closed_loop_noise(sys.excepthook)
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+    threading.excepthook = _without_closed_loop_noise(threading.excepthook)
     code = main()
     if code:
         sys.stdout.flush()

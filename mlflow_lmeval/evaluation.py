@@ -209,20 +209,25 @@ def evaluate_model(model, tokenizer, config: EvalConfig, checkpoint: dict | None
     return json_safe(output)
 
 
-def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, show_progress: bool = True) -> dict:
-    """Evaluate a checkpoint on lm-eval tasks; returns lm-eval's results dict, JSON-safe."""
+def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, step: int | None = None,
+             show_progress: bool = True) -> dict:
+    """Evaluate a checkpoint (ours or a Hugging Face directory) on lm-eval tasks; returns lm-eval's
+    results dict, JSON-safe. ``step`` overrides the checkpoint's own (its metadata, or the
+    directory's step_N / checkpoint-N name)."""
     config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
-    from .models.checkpoint import load_checkpoint
+    from .models.loading import load_any
     from .tokenizer import Tokenizer
 
-    checkpoint = load_checkpoint(checkpoint_dir)
+    checkpoint = load_any(checkpoint_dir)
     tokenizer = Tokenizer.load(config.tokenizer_path) if config.tokenizer_path else checkpoint.tokenizer
     identity = {
         "path": str(checkpoint.path),
-        "step": checkpoint.step,
+        "step": checkpoint.step if step is None else int(step),
         "fingerprint": checkpoint.fingerprint,
         "mlflow_run_id": checkpoint.mlflow_run_id,
     }
+    if getattr(checkpoint, "hf_config", None) is not None:
+        identity["hf_config"] = checkpoint.hf_config  # for the LoggedModel's params; not part of the identity
     return evaluate_model(checkpoint.model, tokenizer, config, identity, show_progress=show_progress)
 
 
@@ -233,6 +238,6 @@ def serve_checkpoint(checkpoint_dir: str | os.PathLike) -> int:
     The checkpoint is loaded at once, not when the first call arrives: orbax's restore holds a
     barrier across all processes, which process 0 enters as its evaluation starts."""
     from .engine.distributed import serve
-    from .models.checkpoint import load_checkpoint
+    from .models.loading import load_any
 
-    return serve(load_checkpoint(checkpoint_dir).model)
+    return serve(load_any(checkpoint_dir).model)

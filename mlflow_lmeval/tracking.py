@@ -639,21 +639,32 @@ _FINGERPRINT = re.compile(r"^[\w:.\-]+$")
 
 
 def checkpoint_info(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """``{path, step, fingerprint, mlflow_run_id}`` from a checkpoint dir's metadata.json or a dict."""
+    """``{path, step, fingerprint, mlflow_run_id}`` (and ``hf_config`` for a Hugging Face checkpoint)
+    from a checkpoint dir's metadata.json, a Hugging Face dir's files, or a dict."""
     if isinstance(source, Mapping):
         info = dict(source)
     else:
+        from .models.loading import HUGGING_FACE, checkpoint_format
+
         directory = Path(source)
-        try:
-            metadata = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise UserError(f"not a checkpoint (no readable metadata.json): {directory}") from error
-        info = {**metadata, "path": str(directory.resolve())}
+        if checkpoint_format(directory) == HUGGING_FACE:
+            from .models import hf
+
+            info = hf.checkpoint_info(directory)
+        else:
+            try:
+                metadata = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise UserError(f"not a checkpoint (no readable metadata.json): {directory}") from error
+            info = {**metadata, "path": str(directory.resolve())}
     fingerprint = info.get("fingerprint")
     if not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint):
         raise UserError(f"checkpoint {info.get('path')!r} has no valid fingerprint: {fingerprint!r}")
-    return {"path": info.get("path"), "step": int(info.get("step") or 0), "fingerprint": fingerprint,
-            "mlflow_run_id": info.get("mlflow_run_id")}
+    result = {"path": info.get("path"), "step": int(info.get("step") or 0), "fingerprint": fingerprint,
+              "mlflow_run_id": info.get("mlflow_run_id")}
+    if isinstance(info.get("hf_config"), Mapping):
+        result["hf_config"] = dict(info["hf_config"])
+    return result
 
 
 def _find_checkpoint_model(client, experiment_id: str, fingerprint: str):
@@ -680,7 +691,8 @@ def _ensure_model(client, experiment_id: str, info: Mapping[str, Any], training_
             source_run_id=training_run_id,
             tags={"mlflow.modelIsExternal": "true", TAG_FINGERPRINT: info["fingerprint"],
                   "lmeval.checkpoint_path": path, "lmeval.checkpoint_step": str(info["step"])},
-            params={"step": str(info["step"]), "path": path, "fingerprint": info["fingerprint"]},
+            params={"step": str(info["step"]), "path": path, "fingerprint": info["fingerprint"],
+                    **flatten_params(info.get("hf_config") or {}, prefix="hf_config.")},
             model_type="checkpoint",
         )
         # A publisher on another machine (outside our lock) may have created one meanwhile: keep

@@ -81,7 +81,8 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
 
 
 def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking = Tracking(), *,
-                         training_run_id: str | None = None, strict: bool = True, show_progress: bool = True):
+                         training_run_id: str | None = None, step: int | None = None, strict: bool = True,
+                         show_progress: bool = True):
     """Evaluate, write results.json (always first), then publish it to MLflow.
 
     With ``strict`` a tracking failure raises (after results.json is safe on disk); otherwise it
@@ -91,7 +92,7 @@ def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking 
 
     if not config.output_path:
         raise UserError("an output path is needed: results.json is written before anything is published")
-    results = evaluate(checkpoint_dir, config, show_progress=show_progress)
+    results = evaluate(checkpoint_dir, config, step=step, show_progress=show_progress)
     if not tracking.enabled:
         return results, None
     from .tracking import TrackingError, publish_results
@@ -100,7 +101,7 @@ def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking 
         outcome = publish_results(config.output_path, tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
                                   training_run_id=training_run_id)
     except TrackingError as error:
-        message = f"{error}; results safe in {config.output_path}, publish later: mlflow-lmeval sync {config.output_path}"
+        message = f"{error}; results.json is safe, publish it later: mlflow-lmeval sync {config.output_path}"
         if strict:
             raise type(error)(message) from None
         warnings.warn(message)

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import UserError
 from ..tokenizer import Tokenizer
 from . import mlstm
-from .protocol import LanguageModel
+from .protocol import LanguageModel, full_pass, padded_logits
 
 FORMAT = "mlflow_lmeval.checkpoint/1"
 METADATA_FILE = "metadata.json"
@@ -94,28 +94,11 @@ class Checkpoint:
 
     @functools.cached_property
     def _full_pass(self):
-        model = self.model
-
-        @jax.jit
-        def full_pass(params, tokens):
-            batch, length = tokens.shape
-            logits, _ = model.apply(params, tokens, model.init_state(batch), jnp.ones((batch, length), bool))
-            return logits
-
-        return full_pass
+        return full_pass(self.model)
 
     def logits(self, tokens) -> np.ndarray:
-        """tokens int32 [B, T] -> float32 [B, T, V]: one full forward pass from a fresh state.
-
-        The length is padded on the right to a multiple of 64, which a causal model cannot see,
-        so that calls of many different lengths share a few compilations.
-        """
-        tokens = np.asarray(tokens, np.int32)
-        if tokens.ndim != 2:
-            raise UserError(f"tokens must have shape [batch, length], got {tokens.shape}")
-        length = tokens.shape[1]
-        padded = np.pad(tokens, [(0, 0), (0, -length % 64)])
-        return np.asarray(self._full_pass(self.params, padded), np.float32)[:, :length]
+        """tokens int32 [B, T] -> float32 [B, T, V]: one full forward pass from a fresh state."""
+        return padded_logits(self._full_pass, self.params, tokens)
 
 
 def _read_metadata(path: Path) -> dict:
@@ -160,18 +143,13 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     # Host (numpy) leaves: a restore onto device shardings would compare the saving process's device
     # topology with this one's, and fail when one process saved what several processes load.
     target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), jax.eval_shape(lambda: mlstm.init_params(config)))
-    # Closed on every path: a checkpointer left open keeps an asyncio thread that can raise
-    # ("Event loop is closed") while the process exits after an error.
-    checkpointer = ocp.StandardCheckpointer()
     try:
-        params = jax.tree.map(jnp.asarray, checkpointer.restore(path / PARAMS_DIR, target))
+        params = jax.tree.map(jnp.asarray, ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target))
     except Exception as error:  # orbax raises many types for missing or damaged files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         # tensorstore appends its whole JSON spec; the first clause says what is wrong
         first_line = first_line if len(first_line) <= 200 else first_line[:197] + "..."
         raise UserError(f"corrupt checkpoint parameters in {path}: {first_line}") from None
-    finally:
-        checkpointer.close()
     expected = metadata.get("fingerprint")
     if verify and fingerprint(config, params, tokenizer.model_bytes) != expected:
         raise UserError(f"corrupt checkpoint {path}: contents do not match the recorded fingerprint")

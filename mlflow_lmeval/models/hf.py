@@ -14,6 +14,7 @@ model. Nothing is fetched from a hub.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from ..errors import UserError
 from ..tokenizer import HFTokenizer
 from . import xlstm
-from .protocol import LanguageModel
+from .protocol import LanguageModel, full_pass, padded_logits
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,6 +50,20 @@ class HFCheckpoint:
     fingerprint: str
     config: dict  # config.json as written
     model_config: xlstm.XLSTMConfig
+
+    mlflow_run_id = None  # a save_pretrained directory records no training run
+
+    @property
+    def hf_config(self) -> dict:
+        return self.config
+
+    @functools.cached_property
+    def _full_pass(self):
+        return full_pass(self.model)
+
+    def logits(self, tokens) -> np.ndarray:
+        """tokens int32 [B, T] -> float32 [B, T, V]: one full forward pass from a fresh state."""
+        return padded_logits(self._full_pass, self.model.params, tokens)
 
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
@@ -109,6 +125,25 @@ def fingerprint(files: list[Path]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _identity_files(path: Path, weights: list[Path]) -> list[Path]:
+    """What decides the model's outputs: config, weights, tokenizer (and its config, if any)."""
+    files = [path / CONFIG_FILE, *weights, path / TOKENIZER_FILE]
+    if (path / TOKENIZER_CONFIG_FILE).is_file():
+        files.append(path / TOKENIZER_CONFIG_FILE)
+    return files
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict:
+    """``{path, step, fingerprint, mlflow_run_id, hf_config}`` of a directory, without loading its weights."""
+    path = Path(path).absolute()
+    hf_config = read_config(path)
+    files = weight_files(path)
+    if not (path / TOKENIZER_FILE).is_file():
+        raise UserError(f"{path}: no {TOKENIZER_FILE} (a Hugging Face `tokenizers` file is needed to evaluate)")
+    return {"path": str(path), "step": step_of(path), "fingerprint": fingerprint(_identity_files(path, files)),
+            "mlflow_run_id": None, "hf_config": hf_config}
+
+
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -166,15 +201,12 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", **ove
     weights_dtype = xlstm.resolve_dtype(dtype)
     params = load_weights(files, config, weights_dtype)
     tokenizer = HFTokenizer.load(path)
-    identity_files = [path / CONFIG_FILE, *files, path / TOKENIZER_FILE]
-    if (path / TOKENIZER_CONFIG_FILE).is_file():
-        identity_files.append(path / TOKENIZER_CONFIG_FILE)
     return HFCheckpoint(
         model=xlstm.as_language_model(config, params, dtype=weights_dtype),
         tokenizer=tokenizer,
         path=path,
         step=step_of(path),
-        fingerprint=fingerprint(identity_files),
+        fingerprint=fingerprint(_identity_files(path, files)),
         config=hf_config,
         model_config=config,
     )

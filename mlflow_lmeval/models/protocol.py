@@ -17,6 +17,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ..errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,32 @@ class LanguageModel:
     vocab_size: int
     recurrent: bool
     context_length: int | None = None
+
+
+def full_pass(model: LanguageModel) -> Callable[[Any, jax.Array], jax.Array]:
+    """jit-compiled ``(params, tokens[B, T]) -> logits[B, T, V]``: one pass from a fresh state."""
+
+    @jax.jit
+    def run(params, tokens):
+        batch, length = tokens.shape
+        logits, _ = model.apply(params, tokens, model.init_state(batch), jnp.ones((batch, length), bool))
+        return logits
+
+    return run
+
+
+def padded_logits(run: Callable[[Any, jax.Array], jax.Array], params, tokens) -> np.ndarray:
+    """tokens int32 [B, T] -> float32 [B, T, V] through ``run`` (a ``full_pass``).
+
+    The length is padded on the right to a multiple of 64, which a causal model cannot see,
+    so that calls of many different lengths share a few compilations.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2:
+        raise UserError(f"tokens must have shape [batch, length], got {tokens.shape}")
+    length = tokens.shape[1]
+    padded = np.pad(tokens, [(0, 0), (0, -length % 64)])
+    return np.asarray(run(params, padded), np.float32)[:, :length]
 
 
 def from_linen_cache(module, params, *, vocab_size: int, context_length: int | None = None) -> LanguageModel:

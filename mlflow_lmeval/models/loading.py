@@ -1,0 +1,52 @@
+"""One entry point for every checkpoint format, told apart by the file each one holds:
+
+    metadata.json   ours (``models/checkpoint.py``, written by ``save_checkpoint``)
+    config.json     a Hugging Face ``save_pretrained`` directory (``models/hf.py``)
+
+Importing this module imports neither format's loader (nor JAX) until a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+OURS = "mlflow_lmeval"
+HUGGING_FACE = "hf"
+# checkpoint.METADATA_FILE and hf.CONFIG_FILE, named here so that telling formats apart stays cheap
+METADATA_FILE = "metadata.json"
+CONFIG_FILE = "config.json"
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """``OURS`` or ``HUGGING_FACE``; a one-line UserError for a directory of neither kind."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint not found: {path}")
+    if (path / METADATA_FILE).is_file():
+        return OURS
+    if (path / CONFIG_FILE).is_file():
+        return HUGGING_FACE
+    raise UserError(f"not a checkpoint: {path} has neither {METADATA_FILE} (mlflow_lmeval) "
+                    f"nor {CONFIG_FILE} (Hugging Face)")
+
+
+def load_any(path: str | os.PathLike, *, dtype: Any = "float32"):
+    """A ``Checkpoint`` or an ``HFCheckpoint``: both offer ``model``, ``tokenizer``, ``path``,
+    ``step``, ``fingerprint``, ``mlflow_run_id`` and ``logits(tokens)``.
+
+    ``dtype`` ("float32" or "bfloat16") is the weights' dtype in memory; our own checkpoints are
+    evaluated in the dtypes they were saved in, so only float32 is accepted for them.
+    """
+    if checkpoint_format(path) == HUGGING_FACE:
+        from .hf import load_hf_checkpoint
+
+        return load_hf_checkpoint(path, dtype=dtype)
+    if dtype not in ("float32", None):
+        raise UserError(f"dtype {dtype!r} applies to Hugging Face checkpoints only; {path} is an mlflow_lmeval checkpoint")
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
