@@ -153,7 +153,8 @@ def configure(cache_dir: Path) -> None:
 
     from mlflow_lmeval.evaluation import configure_environment
 
-    configure_environment(cache_dir)
+    configure_environment(cache_dir, offline=True)  # benchmarks read local data only
+    os.environ.setdefault("HF_HOME", str(cache_dir / "hf"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("lm_eval", "lm-eval", "datasets", "absl", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.ERROR)
