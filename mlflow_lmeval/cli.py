@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 
-from . import compare
+from . import compare_report
 from . import config as config_module
 from .config import EvalConfig
 from .errors import UserError
@@ -18,14 +18,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _cmd_tokenizer(args) -> None:
@@ -155,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a text file")
     tok.add_argument("--input", required=True, help="UTF-8 text file")
-    tok.add_argument("--vocab_size", type=_positive_int, default=1024)
+    tok.add_argument("--vocab_size", type=config_module.positive_int, default=1024)
     tok.add_argument("--output", required=True, help="where to write the .model file")
     tok.set_defaults(func=_cmd_tokenizer)
 
@@ -163,12 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--corpus", required=True, help="UTF-8 text file")
     tr.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     tr.add_argument("--output", required=True, help="directory for step_<N>/ checkpoints")
-    tr.add_argument("--steps", type=_positive_int, required=True)
-    tr.add_argument("--save_every", type=_positive_int, required=True)
+    tr.add_argument("--steps", type=config_module.positive_int, required=True)
+    tr.add_argument("--save_every", type=config_module.positive_int, required=True)
     tr.add_argument("--model_size", default="tiny", help="model preset: tiny or small")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--batch_size", type=_positive_int, default=16)
-    tr.add_argument("--sequence_length", type=_positive_int, default=128)
+    tr.add_argument("--batch_size", type=config_module.positive_int, default=16)
+    tr.add_argument("--sequence_length", type=config_module.positive_int, default=128)
     tr.add_argument("--learning_rate", type=float, default=3e-3)
     tr.add_argument("--eval_every", type=int, default=0, help="evaluate the live params every K steps into the training run")
     tr.add_argument("--eval_tasks", help="comma-separated tasks for --eval_every")
@@ -186,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     multihost = ev.add_argument_group("multi-host evaluation (docs/multihost.md)")
     multihost.add_argument("--coordinator_address", metavar="HOST:PORT",
                            help="process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS)")
-    multihost.add_argument("--num_processes", type=_positive_int, help="processes in the run, one per host (default: $MLFLOW_LMEVAL_NUM_PROCESSES)")
+    multihost.add_argument("--num_processes", type=config_module.positive_int, help="processes in the run, one per host (default: $MLFLOW_LMEVAL_NUM_PROCESSES)")
     multihost.add_argument("--process_id", type=int, help="this process, 0 to num_processes-1; 0 runs lm-eval (default: $MLFLOW_LMEVAL_PROCESS_ID)")
     multihost.add_argument("--distributed", action="store_true",
                            help="join a run whose settings JAX detects (TPU pods, SLURM, Open MPI)")
-    multihost.add_argument("--join_timeout", type=_positive_int, default=300, metavar="SECONDS",
+    multihost.add_argument("--join_timeout", type=config_module.positive_int, default=300, metavar="SECONDS",
                            help="give up when not every process has joined after this long (default: 300)")
     _add_tracking_flags(ev, "evaluation run (default: the training run's)")
     ev.set_defaults(func=_cmd_evaluate)
@@ -201,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--experiment")
     sy.set_defaults(func=_cmd_sync)
 
-    compare.add_parser(commands)
+    compare_report.add_parser(commands)
 
     ca = commands.add_parser("cache", help="inspect or clear the resumable response cache")
     ca.add_argument("action", choices=["info", "clear"])

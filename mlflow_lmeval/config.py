@@ -181,6 +181,14 @@ def param_names() -> dict[str, str]:
     return {s.param: name for name, s in settings().items() if s.param}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def parse_number(text: str) -> int | float:
     try:
         return float(text) if "." in text else int(text)

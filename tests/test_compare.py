@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mlflow_lmeval import compare, stats
+from mlflow_lmeval import compare, compare_report, paired_stats, stats
 from mlflow_lmeval.errors import UserError
 
 LN2 = math.log(2.0)
@@ -79,22 +79,22 @@ def _pairs(n, seed, rate=1.6):
 def test_mcnemar_exact_binomial_with_few_discordant_pairs():
     a, b = _binary_pair(50, n01=6, n10=1)
     # 7 discordant: 2 * (C(7,0) + C(7,1)) / 2^7 = 16 / 128.
-    assert compare.mcnemar_p(a, b) == pytest.approx(0.125, rel=1e-12)
+    assert paired_stats.mcnemar_p(a, b) == pytest.approx(0.125, rel=1e-12)
     # 5 one way, none the other: 2 / 2^5.
-    assert compare.mcnemar_from_counts(0, 5) == pytest.approx(0.0625, rel=1e-12)
+    assert paired_stats.mcnemar_from_counts(0, 5) == pytest.approx(0.0625, rel=1e-12)
     # 24 discordant (the largest exact case): 2 * sum_{i<=7} C(24, i) / 2^24.
-    assert compare.mcnemar_from_counts(17, 7) == pytest.approx(0.0639146566391, rel=1e-9)
-    assert compare.mcnemar_from_counts(3, 3) == 1.0
-    assert compare.mcnemar_p([1, 0, 1], [1, 0, 1]) == 1.0
+    assert paired_stats.mcnemar_from_counts(17, 7) == pytest.approx(0.0639146566391, rel=1e-9)
+    assert paired_stats.mcnemar_from_counts(3, 3) == 1.0
+    assert paired_stats.mcnemar_p([1, 0, 1], [1, 0, 1]) == 1.0
 
 
 def test_mcnemar_chi_square_with_many_discordant_pairs():
     a, b = _binary_pair(300, n01=30, n10=10)
     # (|30 - 10| - 1)^2 / 40 = 9.025 on 1 df: P = 0.0026631192591...
-    assert compare.mcnemar_p(a, b) == pytest.approx(0.00266311925914, rel=1e-9)
+    assert paired_stats.mcnemar_p(a, b) == pytest.approx(0.00266311925914, rel=1e-9)
     # 25 discordant switches to chi-square: (|18 - 7| - 1)^2 / 25 = 4, P = erfc(sqrt 2).
-    assert compare.mcnemar_from_counts(18, 7) == pytest.approx(0.0455002638964, rel=1e-9)
-    assert compare.mcnemar_from_counts(20, 20) == 1.0
+    assert paired_stats.mcnemar_from_counts(18, 7) == pytest.approx(0.0455002638964, rel=1e-9)
+    assert paired_stats.mcnemar_from_counts(20, 20) == 1.0
 
 
 # --------------------------------------------------------------------------
@@ -127,34 +127,34 @@ def test_ratio_metric_replicates_equal_plain_loop(aggregate, stat):
     # 80 distinct documents (> 64): the document-drawing scheme, not multinomial counts.
     a, b = _pairs(80, seed=1), _pairs(80, seed=2, rate=1.5)
     b[:, 1] = a[:, 1]  # same documents: same word / byte counts
-    ours = compare.paired_bootstrap_deltas(aggregate, a, b, iters=3000, seed=5)
+    ours = paired_stats.paired_bootstrap_deltas(aggregate, a, b, iters=3000, seed=5)
     reference = _loop_deltas(stat, a, b, 3000, seed=5)
     np.testing.assert_allclose(ours, reference, rtol=1e-9, atol=1e-12)
     # Chunking changes nothing.
-    chunked = compare.paired_bootstrap_deltas(aggregate, a, b, iters=3000, seed=5, chunk_size=7)
+    chunked = paired_stats.paired_bootstrap_deltas(aggregate, a, b, iters=3000, seed=5, chunk_size=7)
     np.testing.assert_allclose(chunked, ours, rtol=1e-12, atol=1e-14)
-    assert compare.percentile_ci(ours) == pytest.approx(_loop_ci_p(reference)[:2], rel=1e-9)
-    assert compare.bootstrap_p(ours) == _loop_ci_p(reference)[2]
+    assert paired_stats.percentile_ci(ours) == pytest.approx(_loop_ci_p(reference)[:2], rel=1e-9)
+    assert paired_stats.bootstrap_p(ours) == _loop_ci_p(reference)[2]
 
 
 def test_median_replicates_equal_plain_loop():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=31), rng.normal(0.3, 1.0, size=31)
-    ours = compare.paired_bootstrap_deltas(stats.median, a, b, iters=2000, seed=9, chunk_size=64)
+    ours = paired_stats.paired_bootstrap_deltas(stats.median, a, b, iters=2000, seed=9, chunk_size=64)
     reference = _loop_deltas(lambda x: np.sort(x)[len(x) // 2], a, b, 2000, seed=9)
     np.testing.assert_array_equal(ours, reference)
 
 
 def test_binary_metric_matches_plain_loop_within_monte_carlo():
     a, b = _binary_pair(200, n01=28, n10=12, seed=4)
-    ours = compare.paired_bootstrap_deltas(stats.mean, a.astype(float), b.astype(float), iters=100_000, seed=0)
+    ours = paired_stats.paired_bootstrap_deltas(stats.mean, a.astype(float), b.astype(float), iters=100_000, seed=0)
     reference = _loop_deltas(np.mean, a.astype(float), b.astype(float), 5000, seed=1)
     low, high, p = _loop_ci_p(reference)
     # delta = 16/200; its bootstrap sd ~ sqrt(40)/200 = 0.032.  5k loop replicates put the 2.5%
     # quantiles within ~0.0015 (plus the 1/200 grid); p (~0.01) within ~0.003.
     assert np.mean(ours) == pytest.approx(0.08, abs=0.001)
-    assert compare.percentile_ci(ours) == pytest.approx((low, high), abs=0.011)
-    assert compare.bootstrap_p(ours) == pytest.approx(p, abs=0.01)
+    assert paired_stats.percentile_ci(ours) == pytest.approx((low, high), abs=0.011)
+    assert paired_stats.bootstrap_p(ours) == pytest.approx(p, abs=0.01)
     assert np.std(ours) == pytest.approx(math.sqrt((40 / 200 - 0.08**2) / 200), rel=0.02)
 
 
@@ -201,7 +201,7 @@ def test_compare_results_dirs(two_dirs):
 
     acc, norm = rows["toy_mc", "acc"], rows["toy_mc", "acc_norm"]
     assert acc.delta == pytest.approx(25 / 120)
-    assert acc.mcnemar_p == pytest.approx(compare.mcnemar_from_counts(30, 5)) and acc.mcnemar_p < 1e-4
+    assert acc.mcnemar_p == pytest.approx(paired_stats.mcnemar_from_counts(30, 5)) and acc.mcnemar_p < 1e-4
     assert acc.p_value < 0.001 and acc.ci_low > 0
     assert norm.mcnemar_p == pytest.approx(1.0) and norm.p_value > 0.5
     # Perplexity-like metrics carry no McNemar; B's uniformly better logliks are significant.
@@ -210,7 +210,7 @@ def test_compare_results_dirs(two_dirs):
     assert rows["toy_ppl", "bits_per_byte"].ci_high < 0
     assert rows["toy_ppl", "perplexity"].ci_high < 0
 
-    table = compare.render_table(comparison)
+    table = compare_report.render_table(comparison)
     assert "|Tasks" in table and "step 100" in table and "step 200" in table
     assert "word_perplexity" in table and "McNemar p" in table
 
@@ -263,10 +263,10 @@ def test_error_no_shared_task(tmp_path):
 def test_add_parser_and_json(two_dirs, tmp_path, capsys):
     dir_a, dir_b, _, _ = two_dirs
     parser = argparse.ArgumentParser()
-    compare.add_parser(parser.add_subparsers(dest="command", required=True))
+    compare_report.add_parser(parser.add_subparsers(dest="command", required=True))
     defaults = parser.parse_args(["compare", str(dir_a), str(dir_b)])
     assert (defaults.iterations, defaults.seed, defaults.json, defaults.publish) == (100_000, 0, None, False)
-    assert defaults.func is compare.run_command
+    assert defaults.func is compare_report.run_command
 
     out = tmp_path / "out" / "compare.json"
     args = parser.parse_args(["compare", str(dir_a), str(dir_b), "--json", str(out), "--iterations", "300",
@@ -292,7 +292,7 @@ def test_write_consecutive_comparisons(tmp_path):
                          step=step)
         for i, step in enumerate([200, 100, 300])
     }
-    written = compare.write_consecutive_comparisons(dirs, tmp_path / "reports", iterations=200)
+    written = compare_report.write_consecutive_comparisons(dirs, tmp_path / "reports", iterations=200)
     assert sorted(p.name for p in written) == [
         "compare_step_100_vs_200.json", "compare_step_100_vs_200.md",
         "compare_step_200_vs_300.json", "compare_step_200_vs_300.md",
@@ -301,9 +301,9 @@ def test_write_consecutive_comparisons(tmp_path):
 
     (dirs[300] / "samples_toy.jsonl").unlink()
     with pytest.warns(UserWarning, match="--log_samples"):
-        assert len(compare.write_consecutive_comparisons(dirs, tmp_path / "lenient", iterations=50, strict=False)) == 2
+        assert len(compare_report.write_consecutive_comparisons(dirs, tmp_path / "lenient", iterations=50, strict=False)) == 2
     with pytest.raises(UserError):
-        compare.write_consecutive_comparisons(dirs, tmp_path / "strict", iterations=50)
+        compare_report.write_consecutive_comparisons(dirs, tmp_path / "strict", iterations=50)
 
 
 # --------------------------------------------------------------------------

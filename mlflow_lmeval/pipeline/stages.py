@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..compare import write_consecutive_comparisons
+from ..compare_report import write_consecutive_comparisons
 from ..errors import UserError
 
 PREPARED = Path("data/prepared")
