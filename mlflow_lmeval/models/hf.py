@@ -6,9 +6,10 @@
       tokenizer.json             Hugging Face `tokenizers`
       tokenizer_config.json      bos/eos/pad tokens (optional)
 
-Weights are read shard by shard, tensor by tensor (memory-mapped by safetensors), cast to the
-requested dtype and moved to the device at once, so the host never holds a second copy of the
-model. Nothing is fetched from a hub.
+Weights are read shard by shard, tensor by tensor, each straight into a buffer of its own (no
+memory map: the mapped pages of a whole shard, often 5 GB, would count against the process until
+the file is closed), cast to the requested dtype and moved to the device at once, so the host
+never holds a second copy of the model. Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,15 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SUPPORTED_MODEL_TYPES = ("xlstm",)
 _STEP = re.compile(r"^(?:step|checkpoint)[_-](\d+)$")
+# safetensors' dtype names; bfloat16 and float8 are ml_dtypes' (through jnp), as numpy lacks them.
+SAFETENSORS_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
+    "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "BF16": jnp.bfloat16,
+    "F32": np.float32, "F64": np.float64, "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2,
+}
+# XLA's CPU client adopts a host buffer aligned to this many bytes instead of copying it, so a
+# tensor read in the dtype the model wants is never held twice, not even for a moment.
+_ALIGNMENT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,30 +162,94 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+class MalformedSafetensors(ValueError):
+    """A weight file that is not what the safetensors format says (reported with the file's name)."""
+
+
+def _ints(values: list) -> bool:
+    return all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in values)
+
+
+def read_header(handle) -> tuple[dict, int]:
+    """{name: {dtype, shape, data_offsets}} of an open safetensors file and where its data begins.
+
+    The format: an 8-byte little-endian header size, that many bytes of JSON, then the data.
+    """
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise MalformedSafetensors("shorter than its 8-byte header size")
+    (size,) = struct.unpack("<Q", prefix)
+    if size > os.fstat(handle.fileno()).st_size - 8:
+        raise MalformedSafetensors(f"header size {size} exceeds the file")
+    try:
+        header = json.loads(handle.read(size))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise MalformedSafetensors(f"header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise MalformedSafetensors("header is not a JSON object")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
+                and isinstance(entry.get("shape"), list) and _ints(entry["shape"])
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and _ints(entry["data_offsets"])):
+            raise MalformedSafetensors(f"tensor {name!r} has no valid dtype, shape and data_offsets: {entry!r}")
+    return header, 8 + size
+
+
+def read_tensor(handle, data_start: int, name: str, entry: dict) -> np.ndarray:
+    """One tensor of an open safetensors file, read into a fresh aligned buffer."""
+    dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    nbytes = end - begin
+    if nbytes != dtype.itemsize * math.prod(shape):
+        raise MalformedSafetensors(f"tensor {name!r}: data_offsets {entry['data_offsets']} do not fit "
+                                   f"{entry['dtype']}{list(shape)}")
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    skip = -raw.ctypes.data % _ALIGNMENT
+    buffer = raw[skip : skip + nbytes]
+    view = memoryview(buffer)
+    handle.seek(data_start + begin)
+    filled = 0
+    while filled < nbytes:  # one read() returns at most about 2 GB on Linux
+        count = handle.readinto(view[filled:])
+        if not count:
+            raise MalformedSafetensors(f"tensor {name!r} ends past the end of the file")
+        filled += count
+    return buffer.view(dtype).reshape(shape)
+
+
 def load_weights(files: list[Path], config: xlstm.XLSTMConfig, dtype) -> dict:
     """Our parameter tree from safetensors files, checked name by name and shape by shape.
 
-    Each tensor goes file -> (memory map) -> cast -> device before the next is read.
+    Each tensor goes file -> its own buffer -> cast -> device before the next is read, so at any
+    moment the host holds the parameters so far plus at most one tensor (none when the file
+    holds the wanted dtype: the device array adopts the buffer).
     """
-    from safetensors import safe_open
-
     expected = xlstm.hf_parameter_shapes(config)
     params: dict = {}
     seen: set[str] = set()
     for file in files:
         try:
-            handle = safe_open(file, framework="numpy")
-        except Exception as error:  # safetensors raises its own error types
+            with open(file, "rb") as handle:
+                header, data_start = read_header(handle)
+                # Names and shapes are checked before any data is read; the data is read in file order.
+                for name, entry in header.items():
+                    if name not in expected:
+                        raise UserError(f"{file.name}: weight {name!r} is not part of the xlstm model config.json describes")
+                    shape = tuple(entry["shape"])
+                    if shape != expected[name]:
+                        raise UserError(f"{file.name}: weight {name} has shape {shape}, config.json implies {expected[name]}")
+                for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                    array = read_tensor(handle, data_start, name, entry)
+                    _set(params, xlstm.param_path(name), jnp.asarray(array, dtype=dtype))
+                    del array  # a cast copy is dropped before the next tensor is read
+                    seen.add(name)
+        except MalformedSafetensors as error:
             raise UserError(f"not a safetensors file: {file} ({error})") from None
-        with handle:
-            for name in handle.keys():
-                if name not in expected:
-                    raise UserError(f"{file.name}: weight {name!r} is not part of the xlstm model config.json describes")
-                shape = tuple(handle.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise UserError(f"{file.name}: weight {name} has shape {shape}, config.json implies {expected[name]}")
-                _set(params, xlstm.param_path(name), jnp.asarray(handle.get_tensor(name), dtype=dtype))
-                seen.add(name)
+        except OSError as error:
+            raise UserError(f"cannot read weight file {file}: {error.strerror or error}") from None
     missing = sorted(set(expected) - seen)
     if missing == ["lm_head.weight"] and config.tie_word_embeddings:
         # A tied export may omit the head; transformers would initialise it randomly instead.

@@ -1,0 +1,86 @@
+"""Our evaluator on a save_pretrained xLSTM gives lm-eval's own ``hf`` backend's per-request answers.
+
+The hf side was recorded once with torch (tests/fixtures/hf_xlstm/make_fixture.py: HFLM on
+single/, batch size 1, float32, max_length 64) over local tasks of every request type; these
+tests need neither torch nor transformers. lm-eval's hf backend cuts documents into max_length
+windows and carries no state, so recurrent mode is compared on requests that fit the window,
+and fixed-context mode (context_length = max_length) on the rolling documents, long ones included.
+"""
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+import mlflow_lmeval
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = REPO / "tests" / "fixtures" / "hf_xlstm" / "harness"
+REFERENCE = json.loads((HARNESS / "hf_backend.json").read_text(encoding="utf-8"))
+MAX_LENGTH = REFERENCE["max_length"]
+FITTING = [task for task, recorded in REFERENCE["tasks"].items() if recorded["fits_max_length"]]
+ROLLING = [task for task, recorded in REFERENCE["tasks"].items() if recorded["output_type"] == "loglikelihood_rolling"]
+TOLERANCE = 1e-4  # |Δ loglik| per request, float32 on both sides
+
+
+def evaluate(out: Path, tasks: list[str], **settings) -> dict[str, dict[int, dict]]:
+    """Our samples (samples_<task>.jsonl) by task and doc_id."""
+    config = dict(evaluation_tasks=tasks, include_path=str(HARNESS / "tasks"), output_path=str(out), log_samples=True,
+                  response_cache=False, cache_requests=False, offline=True, bootstrap_iters=0, **settings)
+    with contextlib.chdir(REPO):  # the task files name their data relative to the repository root
+        mlflow_lmeval.evaluate(REPO / REFERENCE["checkpoint"], config, show_progress=False)
+    samples = {}
+    for task in tasks:
+        lines = (out / f"samples_{task}.jsonl").read_text(encoding="utf-8").splitlines()
+        samples[task] = {sample["doc_id"]: sample for sample in map(json.loads, lines)}
+    return samples
+
+
+@pytest.fixture(scope="module")
+def recurrent(tmp_path_factory):
+    return evaluate(tmp_path_factory.mktemp("recurrent"), FITTING)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    return evaluate(tmp_path_factory.mktemp("windowed"), ROLLING, use_infinite_eval=False, context_length=MAX_LENGTH)
+
+
+def max_difference(task: str, ours: dict[int, dict]) -> float:
+    """The largest |Δ loglik| of a task's requests; is_greedy and generated text must be equal."""
+    recorded = REFERENCE["tasks"][task]
+    assert sorted(ours) == [sample["doc_id"] for sample in recorded["samples"]]
+    worst = 0.0
+    for sample in recorded["samples"]:
+        mine = ours[sample["doc_id"]]
+        assert [arguments[: len(expected)] for arguments, expected in zip(mine["arguments"], sample["arguments"])] \
+            == sample["arguments"], sample["doc_id"]  # the same requests were built
+        assert len(mine["resps"]) == len(sample["resps"])
+        for (theirs,), (got,) in zip(sample["resps"], mine["resps"], strict=True):
+            if recorded["output_type"] == "generate_until":
+                assert got == theirs, (task, sample["doc_id"])
+            elif recorded["output_type"] == "loglikelihood_rolling":
+                worst = max(worst, abs(got - theirs))
+            else:
+                assert got[1] == theirs[1], (task, sample["doc_id"], "is_greedy")
+                worst = max(worst, abs(got[0] - theirs[0]))
+    print(f"HFPARITY task={task} requests={sum(len(s['resps']) for s in recorded['samples'])} max_abs_loglik_diff={worst:.3g}")
+    return worst
+
+
+def test_the_fixture_covers_every_request_type_and_long_documents():
+    types = {recorded["output_type"] for recorded in REFERENCE["tasks"].values()}
+    assert types == {"loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until"}
+    assert REFERENCE["tasks"]["hfp_rolling_long"]["longest_request_tokens"] > 2 * MAX_LENGTH  # several windows
+    assert REFERENCE["model_args"]["max_length"] == MAX_LENGTH and REFERENCE["model_args"]["batch_size"] == 1
+
+
+@pytest.mark.parametrize("task", FITTING)
+def test_recurrent_mode_equals_the_hf_backend(recurrent, task):
+    assert max_difference(task, recurrent[task]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("task", ROLLING)
+def test_fixed_context_windows_equal_the_hf_backend(windowed, task):
+    assert max_difference(task, windowed[task]) <= TOLERANCE
