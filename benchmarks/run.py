@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import common
 
-ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "bootstrap", "bootstrap_eval")
+ALL = ("B1", "B2", "B3", "B3_xlstm", "B4", "B5", "B6", "B7", "hf_load", "bootstrap", "bootstrap_eval")
 
 NOT_MEASURED = {
 }
@@ -134,6 +134,10 @@ def _summary(benchmarks: dict) -> dict:
     rows["B2 max_abs_loglik_diff <= 1e-4"] = {"value": diff, "holds": check(diff, lambda v: v <= 1e-4)}
     rss = get("B3_flat_memory", "peak_rss_ratio")
     rows["B3 peak_rss_ratio <= 1.2"] = {"value": rss, "holds": check(rss, lambda v: v <= 1.2)}
+    rss = get("B3_flat_memory_xlstm", "peak_rss_ratio")
+    rows["B3 (xLSTM, 100k tokens) peak_rss_ratio <= 1.2"] = {"value": rss, "holds": check(rss, lambda v: v <= 1.2)}
+    load = get("hf_load", "peak_rss_over_param_bytes")
+    rows["hf_load peak_rss_over_param_bytes <= 1.3"] = {"value": load, "holds": check(load, lambda v: v <= 1.3)}
     few, many = get("B4_compilations", "compilations_100"), get("B4_compilations", "compilations_2000")
     rows["B4 compilations equal and <= 8"] = {
         "value": [few, many], "holds": None if few is None or many is None else bool(few == many and many <= 8),
@@ -225,6 +229,15 @@ def main(argv=None) -> None:
         from . import memory
 
         record("B3_flat_memory", lambda: memory.run(tokenizer, work, args.quick, long_tokens=args.b3_tokens or (200_000 if args.quick else 1_000_000)))
+    if "B3_xlstm" in selected:
+        from . import memory
+
+        record("B3_flat_memory_xlstm",
+               lambda: memory.run(tokenizer, work, args.quick, long_tokens=100_000, model="xlstm"))
+    if "hf_load" in selected:
+        from . import hf_load
+
+        record("hf_load", lambda: hf_load.run(work, args.quick))
     if "B4" in selected:
         from . import compilations
 
