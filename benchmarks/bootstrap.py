@@ -1,4 +1,4 @@
-"""Benchmark: mlflow_lmeval.stats bootstrap vs lm-eval's own bootstrap_stderr.
+"""Benchmark: mlflow_lmeval.bootstrap vs lm-eval's own bootstrap_stderr.
 
     python -m benchmarks.bootstrap --json OUT.json [--quick]
 
@@ -23,6 +23,7 @@ from importlib.metadata import version
 import numpy as np
 
 from mlflow_lmeval import stats
+from mlflow_lmeval.bootstrap import bootstrap_stderr, default_workers
 
 N_DOCS = 5_000
 
@@ -71,15 +72,15 @@ def run(quick: bool) -> dict:
             [tuple(p) for p in pairs.tolist()],
         ),
     }
-    stats.bootstrap_stderr(stats.perplexity, logliks, 100)  # warm-up: BLAS, thread pool
+    bootstrap_stderr(stats.perplexity, logliks, 100)  # warm-up: BLAS, thread pool
 
     results = {}
     for name, (ours_agg, ours_x, lm_agg, lm_items) in cases.items():
         ours_s, ours_all, ours_cpu, ours_se = _timed(
-            lambda: stats.bootstrap_stderr(ours_agg, ours_x, ours_iters, seed=1234), repeats
+            lambda: bootstrap_stderr(ours_agg, ours_x, ours_iters, seed=1234), repeats
         )
         single_s, _, _, _ = _timed(
-            lambda: stats.bootstrap_stderr(ours_agg, ours_x, ours_iters, seed=1234, workers=1),
+            lambda: bootstrap_stderr(ours_agg, ours_x, ours_iters, seed=1234, workers=1),
             repeats,
         )
         lm_s, lm_all, lm_cpu, lm_se = _timed(
@@ -124,7 +125,7 @@ def run(quick: bool) -> dict:
             "(all threads), less sensitive to other load on the machine"
         ),
         "quick": quick,
-        "workers": stats._default_workers(),
+        "workers": default_workers(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mlflow_lmeval import stats
+
 from . import common
 
 REPEATS = {"quick": 2, "full": 3}
@@ -22,8 +24,6 @@ CONTEXT_WORDS = {"quick": 24, "full": None}
 
 
 def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
-    from mlflow_lmeval import stats
-
     mode = "quick" if quick else "full"
     docs = common.lastword_docs(DOCUMENTS[mode])
     if CONTEXT_WORDS[mode]:

@@ -1,15 +1,20 @@
-"""EvalConfig: every knob of an evaluation, with the seed's names, meanings and defaults.
+"""EvalConfig: every knob of an evaluation, with the seed's meanings and defaults.
 
 Each field carries its metadata in one place (``Setting``): what it affects, its CLI flag, its
 ``params.yaml`` name and its engine setting. The argparse flags, the pipeline's params mapping,
 the engine settings, the evaluation identity and the request and response cache keys are all
 derived from it, so a field added here is keyed everywhere it changes a result.
+
+Two fields have new names; the seed's are still accepted (``ALIASES``): ``use_infinite_eval``
+(true/false, CLI ``--no_infinite_eval``) for ``mode`` ("recurrent"/"windowed"), and ``debug``
+(which scales logits, unlike the CLI's ``--debug`` that shows tracebacks) for ``scale_logits``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from typing import Any
 
 from .errors import UserError
@@ -19,6 +24,9 @@ RESPONSES = "responses"  # what the model returns for a given request (the respo
 REQUESTS = "requests"  # which requests lm-eval builds from the documents (the request-cache key)
 STATISTICS = "statistics"  # how per-document results become reported numbers (stderrs)
 SCORE_EFFECTS = (RESPONSES, REQUESTS, STATISTICS)
+
+# Recurrent: whole documents, the model's state carried over chunks; windowed: fixed-context windows.
+MODES = ("recurrent", "windowed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +38,63 @@ class Setting:
     help: str = ""
     negated: bool = False  # a default-true field whose flag turns it off (``--no_...``)
     cli_required: bool = False
+    choices: tuple[str, ...] = ()  # the values a string field may take
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """An older true/false name of a field, still accepted by ``EvalConfig(...)``, ``from_dict``,
+    ``replace``, the CLI (``flag``) and, where the field has a params name, params.yaml."""
+
+    field: str
+    when_true: Any  # the field's value for ``alias=True``
+    when_false: Any
+    flag: str | None = None  # the older CLI flag
+    flag_means: bool = True  # the alias value the older flag stands for
+
+    def value(self, name: str, given: Any) -> Any:
+        if not isinstance(given, bool):
+            raise ConfigError(name, f"must be true or false, got {given!r}")
+        return self.when_true if given else self.when_false
+
+
+ALIASES = {
+    "use_infinite_eval": Alias("mode", "recurrent", "windowed", "--no_infinite_eval", flag_means=False),
+    "debug": Alias("scale_logits", True, False, "--debug_logits"),
+}
+
+
+def resolve_aliases(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every alias replaced by its field; an alias given with its field must agree."""
+    resolved = {k: v for k, v in values.items() if k not in ALIASES}
+    for name, alias in ALIASES.items():
+        if name not in values:
+            continue
+        value = alias.value(name, values[name])
+        if alias.field in resolved and resolved[alias.field] != value:
+            raise ConfigError(alias.field, f"{resolved[alias.field]!r} conflicts with {name}={values[name]!r} "
+                                           f"(its older name); give only {alias.field}")
+        resolved[alias.field] = value
+    return resolved
 
 
 def _field(default, setting: Setting):
     return dataclasses.field(default=default, metadata={"setting": setting})
 
 
+def _accepting_aliases(cls):
+    """``cls(...)`` also takes the ALIASES' names as keywords (they are not fields)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **values):
+        init(self, *args, **resolve_aliases(values))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accepting_aliases
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     evaluation_tasks: tuple[str, ...] = _field((), Setting(
@@ -48,10 +107,9 @@ class EvalConfig:
     limit_requests: int | float | None = _field(None, Setting(
         REQUESTS, "--limit", "limit", help="examples per task: a count, or a fraction below 1"))
     write_out: bool = _field(False, Setting(None, "--write_out", help="print example prompts"))
-    # Recurrent mode: whole documents, state carried over chunks; off: fixed-context windows.
-    use_infinite_eval: bool = _field(True, Setting(
-        RESPONSES, "--no_infinite_eval", "use_infinite_eval", "infinite", negated=True,
-        help="fixed-context windows instead of the recurrent loop"))
+    mode: str = _field("recurrent", Setting(
+        RESPONSES, "--mode", "mode", "mode", choices=MODES,
+        help="recurrent: whole documents, the state carried over chunks; windowed: fixed-context windows"))
     infinite_eval_chunksize: int = _field(64, Setting(
         None, "--chunk_size", "chunk_size", "chunk_size", help="tokens per recurrent step"))
     context_length: int | None = _field(None, Setting(
@@ -60,9 +118,9 @@ class EvalConfig:
     batch_size: int = _field(8, Setting(None, "--batch_size", "batch_size", "batch_size"))
     worker_buffer_size: int = _field(1, Setting(None, "--worker_buffer_size", "worker_buffer_size", "worker_buffer_size"))
     worker_count: int = _field(0, Setting(None, "--worker_count", "worker_count", "worker_count"))
-    # The seed's ``debug``: scale logits so a random model yields finite metrics (not tracebacks).
-    debug: bool = _field(False, Setting(
-        RESPONSES, "--debug_logits", engine="debug", help="scale logits so a random model gives finite metrics"))
+    # The seed's ``debug``: scale logits so a random model yields finite metrics.
+    scale_logits: bool = _field(False, Setting(
+        RESPONSES, "--scale_logits", engine="scale_logits", help="scale logits so a random model gives finite metrics"))
     system_instruction: str | None = _field(None, Setting(REQUESTS, "--system_instruction", "system_instruction"))
     num_fewshot: int | None = _field(None, Setting(REQUESTS, "--num_fewshot", "num_fewshot"))
     # lm-eval's standard; cheap with our vectorised bootstrap.
@@ -96,14 +154,16 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EvalConfig":
+        """From a dict of field names (the ALIASES' names too)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - set(ALIASES))
         if unknown:
             raise UserError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
         return cls(**values)
 
     def replace(self, **changes) -> "EvalConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (field names, or the ALIASES' names)."""
+        return dataclasses.replace(self, **resolve_aliases(changes))
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -119,6 +179,7 @@ class EvalConfig:
             return isinstance(value, int) and not isinstance(value, bool)
 
         require(all(isinstance(t, str) and t for t in self.evaluation_tasks), "evaluation_tasks", "must be task names")
+        require(self.mode in MODES, "mode", f"must be {' or '.join(MODES)}")
         for f in dataclasses.fields(self):
             if f.type == "bool":
                 require(isinstance(getattr(self, f.name), bool), f.name, "must be true or false")
@@ -166,9 +227,15 @@ def score_settings(values: dict[str, Any]) -> dict[str, Any]:
     """Of a stored ``eval_config`` dict, the entries that can change a score.
 
     Keys this version does not know are kept: a setting from another version counts towards the
-    identity, which errs on the side of two runs rather than one wrong one."""
+    identity, which errs on the side of two runs rather than one wrong one. A renamed field keeps
+    its older name and value here (ALIASES), so evaluations published before the rename keep
+    their identity."""
     known = settings()
-    return {k: v for k, v in values.items() if k not in known or known[k].affects is not None}
+    kept = {k: v for k, v in values.items() if k not in known or known[k].affects is not None}
+    for name, alias in ALIASES.items():
+        if alias.field in kept and kept[alias.field] in (alias.when_true, alias.when_false):
+            kept[name] = kept.pop(alias.field) == alias.when_true
+    return kept
 
 
 def engine_values(config: EvalConfig) -> dict[str, Any]:
@@ -179,6 +246,11 @@ def engine_values(config: EvalConfig) -> dict[str, Any]:
 def param_names() -> dict[str, str]:
     """params.yaml name -> EvalConfig field, for the fields the pipeline exposes."""
     return {s.param: name for name, s in settings().items() if s.param}
+
+
+def param_aliases() -> list[str]:
+    """The ALIASES' names that params.yaml accepts: those of fields with a params name."""
+    return [name for name, alias in ALIASES.items() if settings()[alias.field].param]
 
 
 def positive_int(text: str) -> int:
@@ -197,7 +269,8 @@ def parse_number(text: str) -> int | float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field that has one; each stores into the field's own name."""
+    """One flag per field that has one, and the ALIASES' older flags; each stores into the field's
+    own name (of two flags for one field, the later wins, as argparse does for any repeat)."""
     defaults = EvalConfig()
     for name, s in settings().items():
         if not s.flag:
@@ -206,6 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": name, "help": s.help or None}
         if name == "apply_chat_template":
             kwargs.update(nargs="?", const=True, default=False, metavar="TEMPLATE")
+        elif s.choices:
+            kwargs.update(choices=s.choices, default=default)
         elif isinstance(default, bool):
             kwargs.update(action="store_false" if s.negated else "store_true", default=default)
         elif name == "limit_requests":
@@ -215,6 +290,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs.update(default=default, required=s.cli_required)
         parser.add_argument(s.flag, **kwargs)
+    for name, alias in ALIASES.items():
+        if alias.flag:
+            const = alias.when_true if alias.flag_means else alias.when_false
+            flag = settings()[alias.field].flag
+            parser.add_argument(alias.flag, dest=alias.field, action="store_const", const=const,
+                                help=f"the same as {flag}" + ("" if isinstance(const, bool) else f" {const}"))
 
 
 def from_args(args: argparse.Namespace) -> EvalConfig:

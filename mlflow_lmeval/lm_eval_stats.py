@@ -15,6 +15,10 @@ import numpy as np
 
 from . import stats
 
+# lm_eval is imported lazily, in the functions: its metrics and evaluator_utils take about 0.35 s
+# to import on this machine, which importing this module (from evaluation, which the CLI loads at
+# start) should not cost.
+
 
 def _aggregation_names() -> dict:
     from lm_eval.api import metrics

@@ -151,9 +151,10 @@ def test_dvc_metrics_show_lists_the_metrics(repo):
         ({"train": {"stepz": 3}}, "unknown param train.stepz"),
         ({"train": {"checkpoint_steps": [-5]}}, "train.checkpoint_steps has -5"),
         ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size must be a positive integer"),
+        ({"evaluate": {"mode": "fixed"}}, "evaluate.mode must be recurrent or windowed, got 'fixed'"),
         ({"evaluate": {"checkpoints": {"mine": "/nonexistent/step_1"}}}, "evaluate.checkpoints.mine: checkpoint directory not found"),
     ],
-    ids=["unknown-key", "negative-step", "zero-batch", "missing-checkpoint-dir"],
+    ids=["unknown-key", "negative-step", "zero-batch", "bad-mode", "missing-checkpoint-dir"],
 )
 def test_bad_params_fail_with_one_line_naming_the_param(tmp_path, changes, message):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

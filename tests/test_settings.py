@@ -18,11 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A changed value for every field, from a base that runs in fixed-context mode (so that both
 # the mode and the window length reach the response cache's namespace).
-BASE = EvalConfig(evaluation_tasks=("a",), use_infinite_eval=False, context_length=32)
+BASE = EvalConfig(evaluation_tasks=("a",), mode="windowed", context_length=32)
 CHANGED = {
     "evaluation_tasks": ("b",), "tokenizer_path": "/other/tok.model", "cache_requests": False, "limit_requests": 3,
-    "write_out": True, "use_infinite_eval": True, "infinite_eval_chunksize": 16, "context_length": 16,
-    "batch_size": 4, "worker_buffer_size": 2, "worker_count": 1, "debug": True, "system_instruction": "Be brief.",
+    "write_out": True, "mode": "recurrent", "infinite_eval_chunksize": 16, "context_length": 16,
+    "batch_size": 4, "worker_buffer_size": 2, "worker_count": 1, "scale_logits": True, "system_instruction": "Be brief.",
     "num_fewshot": 2, "bootstrap_iters": 10, "apply_chat_template": True, "include_path": "/elsewhere",
     "output_path": "/out", "log_samples": True, "response_cache": False, "response_cache_path": "/c.sqlite",
     "offline": True,
@@ -74,18 +74,68 @@ def test_cli_flags_and_params_names_map_onto_the_fields(tmp_path):
     from mlflow_lmeval.cli import build_parser
 
     args = build_parser().parse_args(["evaluate", "--checkpoint", "c", "--tasks", "x,y", "--output_path", "o",
-                                      "--no_cache", "--no_infinite_eval", "--context_length", "16", "--limit", "0.5",
+                                      "--no_cache", "--mode", "windowed", "--context_length", "16", "--limit", "0.5",
                                       "--apply_chat_template", "--offline"])
     config = config_module.from_args(args)
     assert config == EvalConfig(evaluation_tasks=("x", "y"), output_path="o", response_cache=False,
-                                use_infinite_eval=False, context_length=16, limit_requests=0.5,
+                                mode="windowed", context_length=16, limit_requests=0.5,
                                 apply_chat_template=True, offline=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"].update(chunk_size=16, cache_requests=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     settings = load_params(tmp_path / "params.yaml")["evaluate"].eval_config("out")
     assert (settings.infinite_eval_chunksize, settings.cache_requests, settings.offline) == (16, False, True)
-    assert engine_settings(settings) == EngineSettings(chunk_size=16, batch_size=8, infinite=True)
+    assert engine_settings(settings) == EngineSettings(chunk_size=16, batch_size=8, mode="recurrent")
+
+
+def test_the_seeds_names_are_aliases_not_fields(tmp_path):
+    """use_infinite_eval / --no_infinite_eval and debug / --debug_logits still set mode and
+    scale_logits; given with the field they must agree; the identity is the same either way."""
+    windowed = EvalConfig(mode="windowed")
+    assert EvalConfig(use_infinite_eval=False) == windowed and EvalConfig(use_infinite_eval=True) == EvalConfig()
+    assert EvalConfig(debug=True) == EvalConfig(scale_logits=True) != EvalConfig()
+    assert EvalConfig.from_dict({"use_infinite_eval": False, "debug": True}) == windowed.replace(scale_logits=True)
+    assert EvalConfig().replace(use_infinite_eval=False) == windowed
+    assert EvalConfig(mode="windowed", use_infinite_eval=False) == windowed
+    assert "use_infinite_eval" not in EvalConfig().to_dict() and "debug" not in EvalConfig().to_dict()
+    for values, message in [
+        ({"mode": "recurrent", "use_infinite_eval": False}, "mode 'recurrent' conflicts with use_infinite_eval=False"),
+        ({"scale_logits": False, "debug": True}, "scale_logits False conflicts with debug=True"),
+        ({"use_infinite_eval": "no"}, "use_infinite_eval must be true or false, got 'no'"),
+        ({"mode": "fixed"}, "mode must be recurrent or windowed, got 'fixed'"),
+    ]:
+        with pytest.raises(config_module.UserError) as raised:
+            EvalConfig.from_dict(values)
+        assert str(raised.value).startswith(message) and "\n" not in str(raised.value), raised.value
+
+    from mlflow_lmeval.cli import build_parser
+
+    def parsed(*flags):
+        args = build_parser().parse_args(["evaluate", "--checkpoint", "c", "--tasks", "x", "--output_path", "o", *flags])
+        return config_module.from_args(args)
+
+    cli_base = EvalConfig(("x",), output_path="o")
+    assert parsed("--no_infinite_eval") == parsed("--mode", "windowed") == cli_base.replace(mode="windowed")
+    assert parsed("--debug_logits") == parsed("--scale_logits") == cli_base.replace(scale_logits=True)
+    assert parsed().mode == "recurrent" and parsed().scale_logits is False
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["evaluate"]["mode"]
+    params["evaluate"]["use_infinite_eval"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert load_params(tmp_path / "params.yaml")["evaluate"].settings.mode == "windowed"
+    params["evaluate"]["mode"] = "recurrent"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    conflict = "params.yaml: evaluate.mode 'recurrent' conflicts with use_infinite_eval"
+    with pytest.raises(config_module.UserError, match=conflict):
+        load_params(tmp_path / "params.yaml")
+
+    # An evaluation published under the seed's names keeps its identity.
+    new = {"eval_config": EvalConfig(("x",), mode="windowed", scale_logits=True).to_dict()}
+    old = {"eval_config": {**{k: v for k, v in new["eval_config"].items() if k not in ("mode", "scale_logits")},
+                           "use_infinite_eval": False, "debug": True}}
+    assert settings_digest(new) == settings_digest(old)
+    assert settings_digest(new) != settings_digest({"eval_config": {**old["eval_config"], "use_infinite_eval": True}})
 
 
 def test_online_by_default_offline_by_choice(monkeypatch):

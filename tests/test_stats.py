@@ -1,11 +1,11 @@
-"""mlflow_lmeval.stats: bootstrap stderrs agree with lm-eval and with plain references."""
+"""mlflow_lmeval.stats and .bootstrap: bootstrap stderrs agree with lm-eval and with plain references."""
 
 import math
 
 import numpy as np
 import pytest
 
-from mlflow_lmeval import stats
+from mlflow_lmeval import bootstrap, stats
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_ratio_estimators_match_lm_eval_bootstrap(no_pool):
         (stats.word_perplexity, lm.weighted_perplexity),
         (stats.bits_per_byte, lm.bits_per_byte),
     ]:
-        ours = stats.bootstrap_stderr(ours_agg, pairs, 50_000, seed=3)
+        ours = bootstrap.bootstrap_stderr(ours_agg, pairs, 50_000, seed=3)
         theirs = lm.bootstrap_stderr(theirs_agg, items, 8_000)
         assert _relative(ours, theirs) < 0.05, (ours_agg.__name__, ours, theirs)
 
@@ -113,7 +113,7 @@ def test_token_perplexity():
     mean_ll = pairs[:, 0].sum() / pairs[:, 1].sum()
     assert out["mean_token_loglik"] == pytest.approx(mean_ll, rel=1e-12)
     assert out["token_perplexity"] == pytest.approx(math.exp(-mean_ll), rel=1e-12)
-    same_draws = stats.bootstrap_stderr(stats.weighted_perplexity, pairs, 20_000, seed=4)
+    same_draws = bootstrap.bootstrap_stderr(stats.weighted_perplexity, pairs, 20_000, seed=4)
     assert out["token_perplexity_stderr"] == pytest.approx(same_draws, rel=1e-9)
     reference = _reference_bootstrap(lambda s: s[:, 0].sum() / s[:, 1].sum(), pairs, 5_000, 9)
     assert _relative(out["mean_token_loglik_stderr"], reference) < 0.06
@@ -217,17 +217,17 @@ CASES = [
 @pytest.mark.parametrize("name, agg, samples", CASES, ids=[c[0] for c in CASES])
 def test_deterministic_and_chunking_invariant(name, agg, samples):
     iters = 300
-    base = stats.bootstrap_replicates(agg, samples, iters, seed=5, chunk_size=64, workers=1)
+    base = bootstrap.bootstrap_replicates(agg, samples, iters, seed=5, chunk_size=64, workers=1)
     assert base.shape == (iters,) and np.isfinite(base).all()
-    again = stats.bootstrap_replicates(agg, samples, iters, seed=5, chunk_size=64, workers=1)
+    again = bootstrap.bootstrap_replicates(agg, samples, iters, seed=5, chunk_size=64, workers=1)
     np.testing.assert_array_equal(base, again)
     for chunk, workers in [(1, 1), (7, 3), (1000, 2), (None, None)]:
-        other = stats.bootstrap_replicates(agg, samples, iters, 5, chunk, workers)
+        other = bootstrap.bootstrap_replicates(agg, samples, iters, 5, chunk, workers)
         np.testing.assert_allclose(other, base, rtol=1e-12)
-    assert stats.bootstrap_stderr(agg, samples, iters, seed=5) == pytest.approx(
+    assert bootstrap.bootstrap_stderr(agg, samples, iters, seed=5) == pytest.approx(
         float(np.std(base, ddof=1)), rel=1e-12
     )
-    changed = stats.bootstrap_replicates(agg, samples, iters, seed=6)
+    changed = bootstrap.bootstrap_replicates(agg, samples, iters, seed=6)
     assert not np.allclose(changed, base)
 
 
@@ -236,26 +236,26 @@ def test_deterministic_and_chunking_invariant(name, agg, samples):
 def test_lane_sums_equal_explicit_resamples(n, tail, monkeypatch):
     # 21846 rejects a third of 16-bit lanes; "starved" leaves no spare lanes,
     # so every rejected draw goes through the per-replicate fallback stream.
-    monkeypatch.setattr(stats, "_FEW_ROWS", 0)  # tiny n would go multinomial
+    monkeypatch.setattr(bootstrap, "_FEW_ROWS", 0)  # tiny n would go multinomial
     if tail == "starved":
-        monkeypatch.setattr(stats, "_tail_lanes", lambda n, reject: 0)
+        monkeypatch.setattr(bootstrap, "_tail_lanes", lambda n, reject: 0)
     pairs = _loglik_weight_pairs(n, seed=n)
     for agg in (stats.word_perplexity, stats.bits_per_byte):
-        fast = stats.bootstrap_replicates(agg, pairs, 40, seed=2, chunk_size=16)
-        slow = stats.bootstrap_replicates(_generic(agg), pairs, 40, seed=2, chunk_size=16)
+        fast = bootstrap.bootstrap_replicates(agg, pairs, 40, seed=2, chunk_size=16)
+        slow = bootstrap.bootstrap_replicates(_generic(agg), pairs, 40, seed=2, chunk_size=16)
         np.testing.assert_allclose(fast, slow, rtol=1e-12)
     logliks = _logliks(n, seed=n)
-    fast = stats.bootstrap_replicates(stats.perplexity, logliks, 40, seed=2)
-    slow = stats.bootstrap_replicates(_generic(stats.perplexity), logliks, 40, seed=2)
+    fast = bootstrap.bootstrap_replicates(stats.perplexity, logliks, 40, seed=2)
+    slow = bootstrap.bootstrap_replicates(_generic(stats.perplexity), logliks, 40, seed=2)
     np.testing.assert_allclose(fast, slow, rtol=1e-12)
 
 
 @pytest.mark.parametrize("tail", ["default", "starved"])
 def test_lane_indices_are_uniform(tail, monkeypatch):
     if tail == "starved":
-        monkeypatch.setattr(stats, "_tail_lanes", lambda n, reject: 0)
+        monkeypatch.setattr(bootstrap, "_tail_lanes", lambda n, reject: 0)
     n, rows = 21846, 300
-    lanes = stats._Lanes(n, seed=9)
+    lanes = bootstrap.Lanes(n, seed=9)
     idx = lanes.indices(lanes.draw(0, rows), 0)
     assert idx.min() >= 0 and idx.max() < n
     counts = np.bincount(idx.ravel(), minlength=n)
@@ -266,8 +266,8 @@ def test_lane_indices_are_uniform(tail, monkeypatch):
 
 def test_median_order_statistic_matches_explicit_resamples():
     samples = np.array([3.0, -1.0, 2.0, 2.0, 7.0, 0.5])  # ties and an even count
-    fast = stats.bootstrap_replicates(stats.median, samples, 200_000, seed=1)
-    slow = stats.bootstrap_replicates(_generic(stats.median), samples, 200_000, seed=1)
+    fast = bootstrap.bootstrap_replicates(stats.median, samples, 200_000, seed=1)
+    slow = bootstrap.bootstrap_replicates(_generic(stats.median), samples, 200_000, seed=1)
     values = np.unique(samples)
     p_fast = (fast[:, None] == values).mean(axis=0)
     p_slow = (slow[:, None] == values).mean(axis=0)

@@ -36,11 +36,11 @@ DEBUG_LOGIT_SCALE = 1e-3
 class EngineSettings:
     batch_size: int = 8
     chunk_size: int = 64
-    infinite: bool = True  # recurrent mode for models with state
+    mode: str = "recurrent"  # "recurrent" (for models with state) or "windowed"
     context_length: int | None = None  # window length in fixed-context mode
     worker_count: int = 0
     worker_buffer_size: int = 1
-    debug: bool = False
+    scale_logits: bool = False
     generation_block: int = 16  # tokens decoded per host check of the stop conditions
     share_prefixes: bool = True  # recurrent mode: run a context shared by several requests once
     prefix_block: int = 64  # shared contexts whose states are held at once (bounds memory)
@@ -74,7 +74,7 @@ class Engine:
         self.model = model
         self.settings = settings
         self.progress = progress
-        self.recurrent = model.recurrent and settings.infinite
+        self.recurrent = model.recurrent and settings.mode == "recurrent"
         if not self.recurrent:
             length = settings.context_length or model.context_length
             if not length:
@@ -87,7 +87,7 @@ class Engine:
             from ..response_cache import namespace
 
             mode = "recurrent" if self.recurrent else f"fixed:{self.max_length}"
-            self.cache, self.cache_namespace = cache, namespace(fingerprint, mode, settings.debug)
+            self.cache, self.cache_namespace = cache, namespace(fingerprint, mode, settings.scale_logits)
         devices = jax.devices()  # every process's devices when several processes run
         self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.batch_size = round_up(settings.batch_size, len(devices))
@@ -147,7 +147,7 @@ class Engine:
         self.compilations += 1  # runs only while tracing
         logits, state = self.model.apply(params, inputs, state, valid)
         logits = logits.astype(jnp.float32)
-        if self.settings.debug:
+        if self.settings.scale_logits:
             logits = logits * DEBUG_LOGIT_SCALE
         target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         max_logits = logits.max(axis=-1)

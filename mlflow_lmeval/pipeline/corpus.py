@@ -8,14 +8,13 @@ import hashlib
 import sysconfig
 import warnings
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Iterator
 
 SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "tkinter"}
 
 
 def pydoc_topics() -> Iterator[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
     for name in sorted(topics):
         yield f"topic:{name}", topics[name]
 

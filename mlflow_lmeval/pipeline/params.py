@@ -50,15 +50,20 @@ class EvaluateParams:
 
     @classmethod
     def from_params(cls, values: dict) -> "EvaluateParams":
+        """From the ``evaluate:`` mapping; the older names of renamed params (config.ALIASES, e.g.
+        ``use_infinite_eval`` for ``mode``) are accepted in users' files."""
         names = config_module.param_names()
-        unknown = sorted(set(values) - set(names) - {"checkpoints"})
+        aliases = config_module.param_aliases()
+        unknown = sorted(set(values) - set(names) - set(aliases) - {"checkpoints"})
         if unknown:
             raise UserError(f"params.yaml: unknown param evaluate.{unknown[0]} (known: checkpoints, {', '.join(names)})")
-        fields = {names[k]: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+        fields = {names.get(k, k): (tuple(v) if isinstance(v, list) else v) for k, v in values.items()
+                  if k in names or k in aliases}
         try:
             settings = cls().settings.replace(**fields)
         except ConfigError as error:
-            param = config_module.settings()[error.name].param
+            setting = config_module.settings().get(error.name)
+            param = setting.param if setting else error.name  # not a field: an older name (config.ALIASES)
             raise UserError(f"params.yaml: evaluate.{param} {error.problem}") from None
         return cls(values.get("checkpoints") or {}, settings)
 
