@@ -82,7 +82,7 @@ def child(num_tokens: int, tokens_file: str, preset: str) -> dict:
         "peak_rss_kb": peak,
         "peak_rss_during_score_kb": _status_kb("VmHWM") if reset else None,
         "ru_maxrss_kb_after_phase": phases,
-        "compilations": engine.compilations,
+        "compilations": engine.traces,
         "engine_settings": applied,
     }
 

@@ -50,7 +50,7 @@ class EvalConfig:
     write_out: bool = _field(False, Setting(None, "--write_out", help="print example prompts"))
     # Recurrent mode: whole documents, state carried over chunks; off: fixed-context windows.
     use_infinite_eval: bool = _field(True, Setting(
-        RESPONSES, "--no_infinite_eval", "use_infinite_eval", "infinite", negated=True,
+        RESPONSES, "--no_infinite_eval", "use_infinite_eval", "mode", negated=True,
         help="fixed-context windows instead of the recurrent loop"))
     infinite_eval_chunksize: int = _field(64, Setting(
         None, "--chunk_size", "chunk_size", "chunk_size", help="tokens per recurrent step"))
@@ -62,7 +62,7 @@ class EvalConfig:
     worker_count: int = _field(0, Setting(None, "--worker_count", "worker_count", "worker_count"))
     # The seed's ``debug``: scale logits so a random model yields finite metrics (not tracebacks).
     debug: bool = _field(False, Setting(
-        RESPONSES, "--debug_logits", engine="debug", help="scale logits so a random model gives finite metrics"))
+        RESPONSES, "--debug_logits", engine="scale_logits", help="scale logits so a random model gives finite metrics"))
     system_instruction: str | None = _field(None, Setting(REQUESTS, "--system_instruction", "system_instruction"))
     num_fewshot: int | None = _field(None, Setting(REQUESTS, "--num_fewshot", "num_fewshot"))
     # lm-eval's standard; cheap with our vectorised bootstrap.
@@ -173,7 +173,8 @@ def score_settings(values: dict[str, Any]) -> dict[str, Any]:
 
 def engine_values(config: EvalConfig) -> dict[str, Any]:
     """Keyword arguments for EngineSettings."""
-    return {s.engine: getattr(config, name) for name, s in settings().items() if s.engine}
+    values = {s.engine: getattr(config, name) for name, s in settings().items() if s.engine}
+    return {**values, "mode": "recurrent" if values["mode"] else "windowed"}
 
 
 def param_names() -> dict[str, str]:

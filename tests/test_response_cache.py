@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from mlflow_lmeval.engine.cached import CachedEngine
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.response_cache import ResponseCache
 
@@ -22,8 +23,8 @@ def requests_for(checkpoint, count=40):
 
 
 def scored(checkpoint, requests, cache=None, fingerprint="fp-a"):
-    engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=8), cache=cache, fingerprint=fingerprint)
-    return engine.score(requests), engine
+    engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=8))
+    return CachedEngine(engine, cache, fingerprint).score(requests), engine
 
 
 def test_a_crash_loses_at_most_the_batch_in_flight(checkpoint, tmp_path):

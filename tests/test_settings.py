@@ -9,6 +9,7 @@ import yaml
 
 from mlflow_lmeval import config as config_module
 from mlflow_lmeval.config import REQUESTS, RESPONSES, STATISTICS, EvalConfig
+from mlflow_lmeval.engine.cached import CachedEngine
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.evaluation import configure_environment, engine_settings, evaluate_model
 from mlflow_lmeval.pipeline.params import load_params
@@ -37,8 +38,7 @@ def test_every_field_has_metadata_and_a_changed_value():
 
 
 def _namespace(checkpoint, config):
-    engine = Engine(checkpoint.model, engine_settings(config), cache=object(), fingerprint="fp")
-    return engine.cache_namespace
+    return CachedEngine(Engine(checkpoint.model, engine_settings(config)), cache=object(), fingerprint="fp").namespace
 
 
 @pytest.mark.parametrize("name", sorted(CHANGED))
@@ -85,7 +85,7 @@ def test_cli_flags_and_params_names_map_onto_the_fields(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     settings = load_params(tmp_path / "params.yaml")["evaluate"].eval_config("out")
     assert (settings.infinite_eval_chunksize, settings.cache_requests, settings.offline) == (16, False, True)
-    assert engine_settings(settings) == EngineSettings(chunk_size=16, batch_size=8, infinite=True)
+    assert engine_settings(settings) == EngineSettings(chunk_size=16, batch_size=8, mode="recurrent")
 
 
 def test_online_by_default_offline_by_choice(monkeypatch):

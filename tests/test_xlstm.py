@@ -153,7 +153,7 @@ def test_loader_identity(tmp_path):
     assert loaded.step == 1200 and hf.load_hf_checkpoint(FIXTURES / "single").step == 0
     assert loaded.fingerprint == hf.load_hf_checkpoint(FIXTURES / "single").fingerprint
     assert loaded.fingerprint.startswith("sha256:") and loaded.config["model_type"] == "xlstm"
-    assert loaded.model.recurrent and loaded.model.vocab_size == 320
+    assert loaded.model.has_state and loaded.model.vocab_size == 320
 
 
 def test_sharded_checkpoint_loads_like_one_file(tmp_path, reference):

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from ..errors import UserError
 from ..tokenizer import HFTokenizer
@@ -155,8 +156,6 @@ def load_weights(files: list[Path], config: xlstm.XLSTMConfig, dtype) -> dict:
 
     Each tensor goes file -> (memory map) -> cast -> device before the next is read.
     """
-    from safetensors import safe_open
-
     expected = xlstm.hf_parameter_shapes(config)
     params: dict = {}
     seen: set[str] = set()
