@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import log_probs, run_in_chunks
 from flax import nnx
 
 from mlflow_lmeval import from_linen_cache, from_nnx
-from conftest import log_probs, run_in_chunks
 
 VOCAB, DIM, LENGTH = 50, 16, 40
 

@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import log_probs, naive_greedy_decode, naive_loglikelihood
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mlflow_lmeval import from_linen_cache
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.engine.requests import make_pieces, piece_counts
-from conftest import log_probs, naive_greedy_decode, naive_loglikelihood
 
 
 @pytest.fixture(scope="module")

@@ -118,11 +118,13 @@ def test_kill_9_then_the_same_command_resumes_with_identical_results(checkpoint,
     for process in (resumed, reference):
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err
+    def flat(resps):
+        return [float(r[0]) if not isinstance(r[0], list) else float(r[0][0]) for doc in resps for r in doc]
+
     for task in ("t_rolling", "t_nextsentence"):
         got = [json.loads(line)["resps"] for line in (tmp_path / f"a/samples_{task}.jsonl").read_text().splitlines()]
         want = [json.loads(line)["resps"] for line in (tmp_path / f"b/samples_{task}.jsonl").read_text().splitlines()]
         assert len(got) == len(want)
-        flat = lambda resps: [float(r[0]) if not isinstance(r[0], list) else float(r[0][0]) for doc in resps for r in doc]
         np.testing.assert_allclose(flat(got), flat(want), rtol=1e-6, atol=1e-6)
 
 

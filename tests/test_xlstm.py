@@ -12,11 +12,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import log_probs, run_in_chunks
 
 from mlflow_lmeval.errors import UserError
 from mlflow_lmeval.models import hf, xlstm
 from mlflow_lmeval.tokenizer import HFTokenizer
-from conftest import log_probs, run_in_chunks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_xlstm"
 MODES = ["single", "fused"]

@@ -16,6 +16,9 @@ from absl import flags
 from .requests import Piece
 
 
+SHORTEST_BUCKET = 16  # a padded length; shorter rows share it, so tiny requests add no shapes
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
     piece_indices: tuple[int, ...]
@@ -26,8 +29,8 @@ def round_up(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
-def power_of_two_bucket(length: int, minimum: int = 16, maximum: int | None = None) -> int:
-    bucket = max(minimum, 1 << max(0, length - 1).bit_length())
+def power_of_two_bucket(length: int, maximum: int | None = None) -> int:
+    bucket = max(SHORTEST_BUCKET, 1 << max(0, length - 1).bit_length())
     return min(bucket, maximum) if maximum is not None and maximum >= length else bucket
 
 

@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..errors import UserError
 from ..models.protocol import LanguageModel
 from . import distributed, step
-from .batching import BatchPlan, MaterializeBatch, batch_stream, plan_batches, power_of_two_bucket, round_up
+from .batching import (SHORTEST_BUCKET, BatchPlan, MaterializeBatch, batch_stream, plan_batches, power_of_two_bucket,
+                       round_up)
 from .fuse import DocumentResults, PieceResults, fuse_document_results
 from .requests import Piece, make_pieces, piece_counts, share_contexts
 from .step import Chunk, Totals
@@ -158,7 +159,7 @@ class Engine:
         chunk = self.settings.chunk_size
         if not self.model.has_state:
             return power_of_two_bucket(length, maximum=self.max_length)
-        if length < chunk and chunk > 16:
+        if length < chunk and chunk > SHORTEST_BUCKET:
             # Short rows (multiple-choice branches, short requests) get a short chunk instead of
             # being padded to a full one: at most two more step shapes (16 and 32, ...).
             bucket = power_of_two_bucket(length)
