@@ -2,7 +2,7 @@
 
 Requests are a seeded mix of real WikiText-2 token spans in the shapes lm-eval sends: a few long
 rolling documents, many short (context, continuation) pairs, and multiple-choice groups of four
-that share a context. Each count comes from a fresh ``Engine`` (``engine.compilations``: traces of
+that share a context. Each count comes from a fresh ``Engine`` (``engine.traces``: traces of
 the jitted functions). ``xla_compilations`` counts every XLA backend compile in the same window,
 eager operations included, from JAX's monitoring events.
 """
@@ -51,7 +51,7 @@ def _count(model, requests, **settings) -> dict:
     with counter.counting():
         result = engine.score(requests)
     return {
-        "compilations": engine.compilations,
+        "compilations": engine.traces,
         "xla_compilations": counter.count,
         "xla_compile_s": counter.seconds,
         "seconds": time.perf_counter() - start,

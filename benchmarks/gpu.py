@@ -110,11 +110,11 @@ def write_json(path: Path, data: dict) -> None:
 # ---- the engine's API in one place (its settings' fields and counters may be renamed) -----------
 def engine_settings(batch_size: int, chunk_size: int) -> loop.EngineSettings:
     """Recurrent mode: every request is one piece, run in chunks with the state carried."""
-    return loop.EngineSettings(batch_size=batch_size, chunk_size=chunk_size, infinite=True)
+    return loop.EngineSettings(batch_size=batch_size, chunk_size=chunk_size, mode="recurrent")
 
 
 def engine_traces(engine: loop.Engine) -> int:
-    return engine.compilations
+    return engine.traces
 
 
 def prefetched_batches(pieces, plans, batch_size, *, worker_count=0, worker_buffer_size=1):

@@ -100,7 +100,7 @@ def child(num_tokens: int, tokens_file: str, preset: str, model_name: str = "mls
         "peak_rss_kb": peak,
         "peak_rss_during_score_kb": status_kb("VmHWM") if reset else None,
         "ru_maxrss_kb_after_phase": phases,
-        "compilations": engine.compilations,
+        "compilations": engine.traces,
         "engine_settings": applied,
     }
 

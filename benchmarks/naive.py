@@ -22,7 +22,7 @@ from mlflow_lmeval.engine.fuse import DocumentResults
 class NaiveEngine:
     """Stands in for ``Engine`` inside ``JaxLM`` (``score`` only)."""
 
-    recurrent = True
+    mode = "recurrent"
     max_length = None
 
     def __init__(self, model, multiple: int = 64):

@@ -145,7 +145,7 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
         "max_abs_loglik_diff": float(diff.max()) if len(diff) else None,
         "greedy_identical": bool(np.array_equal(snapshot[True][2], snapshot[False][2])),
         "acc": {"with_sharing": acc[True], "without_sharing": acc[False]},
-        "compilations": {"with_sharing": runs[True][0].engine.compilations, "without_sharing": runs[False][0].engine.compilations},
+        "compilations": {"with_sharing": runs[True][0].engine.traces, "without_sharing": runs[False][0].engine.traces},
         "diagnostic_chunk_size_16": diagnostic,
         "targets": {"model_tokens_ratio": ">= 2.5", "speedup": ">= 2", "max_abs_loglik_diff": "<= 1e-4"},
         "definitions": {

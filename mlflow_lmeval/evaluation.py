@@ -200,7 +200,7 @@ def evaluate_model(model, tokenizer, config: EvalConfig, checkpoint: dict | None
     output["checkpoint"] = checkpoint or {}
     output["eval_config"] = config.to_dict()
     output["engine"] = {
-        "compilations": lm.engine.compilations,
+        "compilations": lm.engine.traces,
         "scored_tokens": {task: sum(n for _, n in scores) for task, scores in lm.document_scores.items()},
     }
     if config.output_path:
@@ -237,7 +237,7 @@ def serve_checkpoint(checkpoint_dir: str | os.PathLike) -> int:
 
     The checkpoint is loaded at once, not when the first call arrives: orbax's restore holds a
     barrier across all processes, which process 0 enters as its evaluation starts."""
-    from .engine.distributed import serve
+    from .engine.follower import serve
     from .models.loading import load_any
 
     return serve(load_any(checkpoint_dir).model)

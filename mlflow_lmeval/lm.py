@@ -5,9 +5,13 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
 
+from .engine.cached import CachedEngine
 from .engine.loop import Engine, EngineSettings, NonFiniteLogits
 from .errors import UserError
 from .models.protocol import LanguageModel
@@ -46,8 +50,8 @@ class JaxLM(TemplateLM):
         if tokenizer.vocab_size > model.vocab_size:
             raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's ({model.vocab_size})")
         self.tokenizer = tokenizer
-        self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None,
-                             cache=cache, fingerprint=fingerprint)
+        self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None)
+        self.responses = CachedEngine(self.engine, cache, fingerprint)
         self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
         self.document_scores: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
         self._last_token_counts: list[int] = []
@@ -96,7 +100,7 @@ class JaxLM(TemplateLM):
     def _score(self, encoded, described):
         """engine.score, with a non-finite result named by the lm-eval request that produced it."""
         try:
-            return self.engine.score(encoded)
+            return self.responses.score(encoded)
         except NonFiniteLogits as error:
             raise UserError(f"the model produced NaN or inf log-probabilities for {described(error.document_idx - 1)}") from None
 
@@ -137,31 +141,11 @@ class JaxLM(TemplateLM):
                 contexts.append(tokens if tokens else [self.prefix_token_id])
             if self.engine.max_length is not None:
                 contexts = [c[-self.engine.max_length :] for c in contexts]
-            generated = self._generate_cached(contexts, list(until), max_gen_toks)
+            generated = self.responses.generate(contexts, max_gen_toks, _stop_checker(self, until), list(until))
             for i, tokens in zip(indices, generated):
                 outputs[i] = _cut_at_stop(self.tok_decode([t for t in tokens if t != self.eot_token_id]), until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
-
-    def _generate_cached(self, contexts: list[list[int]], until: list[str], max_gen_toks: int) -> list[list[int]]:
-        """Greedy generations, taken from the response cache where stored, stored as batches finish."""
-        cache, namespace_ = self.engine.cache, self.engine.cache_namespace
-        generated: dict[int, list[int]] = {}
-        if cache is not None:
-            from .response_cache import request_key
-
-            keys = [request_key(namespace_, "generate", c, "\x1f".join(until), max_gen_toks) for c in contexts]
-            stored = cache.get_generations(keys)
-            generated = {p: stored[key] for p, key in enumerate(keys) if key in stored}
-        missing = [p for p in range(len(contexts)) if p not in generated]
-
-        def store(done: list[tuple[int, list[int]]]) -> None:
-            generated.update((missing[local], tokens) for local, tokens in done)
-            if cache is not None:
-                cache.put_generations(namespace_, [(keys[missing[local]], tokens) for local, tokens in done])
-
-        self.engine.generate([contexts[p] for p in missing], max_gen_toks, _stop_checker(self, until), on_done=store)
-        return [generated[p] for p in range(len(contexts))]
 
     def _generation_settings(self, gen_kwargs: dict[str, Any]) -> tuple[list[str], int]:
         gen_kwargs = dict(gen_kwargs or {})
@@ -178,10 +162,6 @@ class JaxLM(TemplateLM):
         return self._chat_template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        from jinja2 import TemplateError
-
         try:
             template = ImmutableSandboxedEnvironment().from_string(self._chat_template or DEFAULT_CHAT_TEMPLATE)
             return template.render(messages=chat_history, add_generation_prompt=add_generation_prompt)
@@ -222,8 +202,6 @@ class _ProgressBar:
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
         if self.bar is None or done < self.bar.n:
             if self.bar is not None:
                 self.bar.close()

@@ -16,13 +16,13 @@ import contextlib
 import functools
 from typing import Iterator
 
+from lm_eval import utils
+
 CACHED_TEMPLATES = 4096  # distinct template strings kept compiled; a task has a handful
 
 
 @contextlib.contextmanager
 def cached_templates() -> Iterator[None]:
-    from lm_eval import utils
-
     original = utils.apply_template
     compile_once = functools.lru_cache(maxsize=CACHED_TEMPLATES)(utils.env.from_string)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lm_eval.caching.cache as lm_eval_cache
+import pyarrow as pa
 from lm_eval.api.task import Task
 
 # The few-shot sampler's seed we pass lm-eval (its own default), so the key can name it.
@@ -56,8 +57,6 @@ def documents_digest(docs) -> str:
     """sha256 of a document collection: a ``datasets.Dataset`` through its Arrow data, else JSON."""
     digest = hashlib.sha256()
     if hasattr(docs, "with_format") and hasattr(docs, "features"):
-        import pyarrow as pa
-
         table = docs.with_format("arrow")[:]  # the visible rows only, after any select/shuffle
         sink = io.BytesIO()
         with pa.ipc.new_stream(sink, table.schema) as writer:

@@ -1,13 +1,15 @@
-"""SentencePiece behind a tiny interface: train, load, encode, decode, and the special ids."""
+"""SentencePiece (and Hugging Face ``tokenizers``) behind a tiny interface: train, load, encode, decode, and the special ids."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
 import sentencepiece as spm
+from tokenizers import Tokenizer as HFBackend
 
 from .errors import UserError
 
@@ -118,17 +120,13 @@ class HFTokenizer:
     """
 
     def __init__(self, tokenizer_json: bytes, special_tokens: dict | None = None):
-        from tokenizers import Tokenizer as _Tokenizer
-
         self.tokenizer_json = tokenizer_json
-        self._tokenizer = _Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        self._tokenizer = HFBackend.from_str(tokenizer_json.decode("utf-8"))
         self._special = special_tokens or {}
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
         """Read ``directory/tokenizer.json`` and, when present, ``directory/tokenizer_config.json``."""
-        import json
-
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
@@ -157,8 +155,6 @@ class HFTokenizer:
     @property
     def name(self) -> str:
         """An identity of the tokenizer's behaviour: a digest of tokenizer.json and its specials."""
-        import hashlib
-
         digest = hashlib.sha256(self.tokenizer_json)
         digest.update(repr([self.bos_id, self.eos_id, self.pad_id]).encode())
         return "hf-tokenizers:" + digest.hexdigest()[:16]

@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import log_probs, run_in_chunks
 from flax import nnx
 
 from mlflow_lmeval import from_linen_cache, from_nnx
-from conftest import log_probs, run_in_chunks
 
 VOCAB, DIM, LENGTH = 50, 16, 40
 
@@ -85,7 +85,7 @@ def tokens():
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7])
 def test_chunks_match_full_pass(model, tokens, chunk_size):
-    assert model.recurrent
+    assert model.has_state
     full, _ = run_in_chunks(model, model.params, tokens, LENGTH)
     chunked, _ = run_in_chunks(model, model.params, tokens, chunk_size)
     np.testing.assert_allclose(log_probs(chunked), log_probs(full), rtol=1e-5, atol=1e-5)
@@ -109,6 +109,6 @@ def test_linen_module_without_cache_is_stateless():
     tokens = jnp.zeros((1, 4), jnp.int32)
     params = module.init(jax.random.key(0), tokens, mask=jnp.ones((1, 4), bool))["params"]
     model = from_linen_cache(module, params, vocab_size=VOCAB, context_length=16)
-    assert not model.recurrent and model.init_state(2) is None
+    assert not model.has_state and model.init_state(2) is None
     logits, state = model.apply(params, tokens, None, jnp.ones((1, 4), bool))
     assert logits.shape == (1, 4, VOCAB) and state is None

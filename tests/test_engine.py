@@ -1,15 +1,16 @@
-"""The engine: chunked == fixed-context == batched == naive, windows follow lm-eval, few compilations."""
+"""The engine: chunked == fixed-context == batched == naive, windows follow lm-eval, few traces."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import log_probs, naive_greedy_decode, naive_loglikelihood
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mlflow_lmeval import from_linen_cache
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
-from conftest import log_probs, naive_greedy_decode, naive_loglikelihood
+from mlflow_lmeval.engine.requests import make_pieces, piece_counts
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_chunk_sizes_agree(checkpoint, requests, reference, chunk_size):
 
 def test_fixed_context_equals_recurrent_when_everything_fits(checkpoint, requests, reference):
     longest = max(len(c) + len(x) for c, x in requests)
-    result = score(checkpoint, requests, infinite=False, context_length=longest, batch_size=8)
+    result = score(checkpoint, requests, mode="windowed", context_length=longest, batch_size=8)
     np.testing.assert_allclose(result.loglik, reference.loglik, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(result.greedy, reference.greedy)
 
@@ -65,7 +66,7 @@ def test_fixed_context_windows_follow_lm_eval(checkpoint, requests):
     """Rolling requests cut into windows equal lm-eval's own rolling windows, scored naively."""
     window = 96
     rolling = requests[:3]
-    result = score(checkpoint, rolling, infinite=False, context_length=window, batch_size=4)
+    result = score(checkpoint, rolling, mode="windowed", context_length=window, batch_size=4)
     for (prefix, tokens), loglik in zip(rolling, result.loglik):
         expected = 0.0
         for context, continuation in map(make_disjoint_window, get_rolling_token_windows(tokens, prefix[0], window, 1)):
@@ -78,7 +79,7 @@ def test_fixed_context_windows_follow_lm_eval(checkpoint, requests):
 def test_long_continuation_in_fixed_context_scores_only_the_continuation(checkpoint, requests):
     """A loglikelihood request longer than the window is windowed; its context is never scored."""
     context, continuation = requests[0][1][:300], requests[0][1][300:700]
-    result = score(checkpoint, [(context, continuation)], infinite=False, context_length=128, batch_size=2)
+    result = score(checkpoint, [(context, continuation)], mode="windowed", context_length=128, batch_size=2)
     assert result.num_tokens[0] == len(continuation)
     sequence = context + continuation
     expected = 0.0
@@ -87,6 +88,14 @@ def test_long_continuation_in_fixed_context_scores_only_the_continuation(checkpo
         inputs = sequence[max(0, end - 129) : end]
         expected += naive_loglikelihood(checkpoint, inputs[: len(inputs) - (end - start)], inputs[len(inputs) - (end - start) :])[0]
     assert result.loglik[0] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_length", [None, 1, 5, 64])
+def test_piece_counts_are_the_pieces_make_pieces_cuts(max_length):
+    """The response cache looks pieces up by these counts before any piece is built."""
+    requests = [([1] * n, [2] * m) for n, m in [(1, 1), (3, 4), (1, 5), (7, 6), (2, 64), (5, 65), (1, 200)]]
+    cut = np.bincount([p.document_idx - 1 for p in make_pieces(requests, max_length)], minlength=len(requests))
+    np.testing.assert_array_equal(piece_counts(requests, max_length), cut)
 
 
 class Bigram(nn.Module):
@@ -132,14 +141,14 @@ def test_stateless_model_windows_equal_naive(stateless):
 
 
 @pytest.mark.parametrize("model_kind", ["recurrent", "stateless"])
-def test_compilations_do_not_grow_with_requests(checkpoint, stateless, model_kind):
+def test_traces_do_not_grow_with_requests(checkpoint, stateless, model_kind):
     model = checkpoint.model if model_kind == "recurrent" else stateless
     counts = []
     for count in (100, 500):
         requests = [([c % 64 for c in ctx], [c % 64 for c in cont]) for ctx, cont in mixed_requests(count, count)]
-        engine = Engine(model, EngineSettings(batch_size=8, chunk_size=16, infinite=True))
+        engine = Engine(model, EngineSettings(batch_size=8, chunk_size=16, mode="recurrent"))
         engine.score(requests)
-        counts.append(engine.compilations)
+        counts.append(engine.traces)
     # one step shape for the recurrent loop; one per power-of-two bucket (16, 32) for windows
     assert counts[0] == counts[1] == (1 if model_kind == "recurrent" else 2), counts
 

@@ -41,7 +41,7 @@ for share in ([True, False] if "share_prefixes" in known else [None]):
         "num_tokens": [int(x) for x in result.num_tokens],
         "greedy": [bool(x) for x in result.greedy],
         "generated": generated,
-        "compilations": engine.compilations,
+        "traces": engine.traces,
     }
 print("RESULT " + json.dumps(out))
 """

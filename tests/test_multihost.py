@@ -28,7 +28,7 @@ SCRIPT = r"""
 import json, sys, time
 num_processes, process_id, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 sys.path.insert(0, sys.argv[4])
-from mlflow_lmeval.engine import distributed
+from mlflow_lmeval.engine import distributed, follower
 distributed.initialize(distributed.DistributedSettings(f"127.0.0.1:{port}", num_processes, process_id).validate())
 import jax
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
@@ -36,7 +36,7 @@ from mixed_requests import mixed_requests, reference_model
 
 model = reference_model()
 if not distributed.is_leader():
-    served = distributed.serve(model)
+    served = follower.serve(model)
     distributed.shutdown()
     print("SERVED " + json.dumps({"commands": served, "devices": jax.device_count()}))
     sys.exit(0)
@@ -52,7 +52,7 @@ out = {"devices": jax.device_count(), "processes": jax.process_count(), "runs": 
 settings = {
     "shared": EngineSettings(batch_size=8, chunk_size=16, share_prefixes=True),
     "unshared": EngineSettings(batch_size=8, chunk_size=16, share_prefixes=False),
-    "windows": EngineSettings(batch_size=8, infinite=False, context_length=32),
+    "windows": EngineSettings(batch_size=8, mode="windowed", context_length=32),
 }
 for name, setting in settings.items():
     engine = Engine(model, setting)

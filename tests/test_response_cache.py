@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from mlflow_lmeval.engine.cached import CachedEngine
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.response_cache import ResponseCache
 
@@ -22,8 +23,8 @@ def requests_for(checkpoint, count=40):
 
 
 def scored(checkpoint, requests, cache=None, fingerprint="fp-a"):
-    engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=8), cache=cache, fingerprint=fingerprint)
-    return engine.score(requests), engine
+    engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=8))
+    return CachedEngine(engine, cache, fingerprint).score(requests), engine
 
 
 def test_a_crash_loses_at_most_the_batch_in_flight(checkpoint, tmp_path):
@@ -117,11 +118,13 @@ def test_kill_9_then_the_same_command_resumes_with_identical_results(checkpoint,
     for process in (resumed, reference):
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err
+    def flat(resps):
+        return [float(r[0]) if not isinstance(r[0], list) else float(r[0][0]) for doc in resps for r in doc]
+
     for task in ("t_rolling", "t_nextsentence"):
         got = [json.loads(line)["resps"] for line in (tmp_path / f"a/samples_{task}.jsonl").read_text().splitlines()]
         want = [json.loads(line)["resps"] for line in (tmp_path / f"b/samples_{task}.jsonl").read_text().splitlines()]
         assert len(got) == len(want)
-        flat = lambda resps: [float(r[0]) if not isinstance(r[0], list) else float(r[0][0]) for doc in resps for r in doc]
         np.testing.assert_allclose(flat(got), flat(want), rtol=1e-6, atol=1e-6)
 
 

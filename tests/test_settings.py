@@ -9,6 +9,7 @@ import yaml
 
 from mlflow_lmeval import config as config_module
 from mlflow_lmeval.config import REQUESTS, RESPONSES, STATISTICS, EvalConfig
+from mlflow_lmeval.engine.cached import CachedEngine
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.evaluation import configure_environment, engine_settings, evaluate_model
 from mlflow_lmeval.pipeline.params import load_params
@@ -37,8 +38,7 @@ def test_every_field_has_metadata_and_a_changed_value():
 
 
 def _namespace(checkpoint, config):
-    engine = Engine(checkpoint.model, engine_settings(config), cache=object(), fingerprint="fp")
-    return engine.cache_namespace
+    return CachedEngine(Engine(checkpoint.model, engine_settings(config)), cache=object(), fingerprint="fp").namespace
 
 
 @pytest.mark.parametrize("name", sorted(CHANGED))

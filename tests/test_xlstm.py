@@ -12,11 +12,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import log_probs, run_in_chunks
 
 from mlflow_lmeval.errors import UserError
 from mlflow_lmeval.models import hf, xlstm
 from mlflow_lmeval.tokenizer import HFTokenizer
-from conftest import log_probs, run_in_chunks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_xlstm"
 MODES = ["single", "fused"]
@@ -153,7 +153,7 @@ def test_loader_identity(tmp_path):
     assert loaded.step == 1200 and hf.load_hf_checkpoint(FIXTURES / "single").step == 0
     assert loaded.fingerprint == hf.load_hf_checkpoint(FIXTURES / "single").fingerprint
     assert loaded.fingerprint.startswith("sha256:") and loaded.config["model_type"] == "xlstm"
-    assert loaded.model.recurrent and loaded.model.vocab_size == 320
+    assert loaded.model.has_state and loaded.model.vocab_size == 320
 
 
 def test_sharded_checkpoint_loads_like_one_file(tmp_path, reference):

@@ -5,7 +5,7 @@ same order, over the global mesh, or the collectives inside them never meet. lm-
 a driver that only one process should run (it reads tasks, writes results, talks to MLflow). So
 process 0 runs lm-eval, and every device-touching Engine call on process 0 first broadcasts a
 small *command* (the pickled call, padded to a power-of-two size so the broadcast compiles only a
-few shapes). The other processes sit in :func:`serve`, receive each command and make the same
+few shapes). The other processes sit in ``follower.serve``, receive each command and make the same
 Engine call with the same arguments, so both sides build the same batches from the same pieces
 and run the same steps. A ``stop`` command ends the loop.
 
@@ -41,6 +41,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ..errors import UserError
 
@@ -165,8 +166,6 @@ def is_leader() -> bool:
 
 # ---- the command channel ---------------------------------------------------------------------
 def _broadcast(array: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.broadcast_one_to_all(array))
 
 
@@ -197,35 +196,9 @@ def from_leader(values: np.ndarray) -> np.ndarray:
 
 
 def stop_followers() -> None:
-    """Process 0: end every other process's :func:`serve` loop (no-op in one process)."""
+    """Process 0: end every other process's ``follower.serve`` loop (no-op in one process)."""
     if jax.process_count() > 1 and is_leader():
         send(STOP)
-
-
-def serve(model) -> int:
-    """The other processes: mirror process 0's Engine calls on ``model`` until told to stop.
-
-    Returns the number of commands run. Each Engine is built from the settings process 0 sends,
-    so the two sides cannot disagree about batch size or chunking.
-    """
-    from .loop import Engine
-
-    engine, count = None, 0
-    while True:
-        name, args = receive()
-        if name == STOP:
-            return count
-        count += 1
-        if name == "engine":
-            (settings,) = args
-            engine = Engine(model, settings)
-            continue
-        if engine is None:
-            raise RuntimeError(f"command {name!r} arrived before any engine was set up")
-        try:
-            engine.run_command(name, args)
-        except UserError:
-            pass  # process 0 meets the same error at the same batch and reports it
 
 
 # ---- arrays across processes -------------------------------------------------------------------

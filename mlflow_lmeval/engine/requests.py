@@ -94,3 +94,11 @@ def make_pieces(
         else:
             pieces.extend(window_pieces(document_idx, context, continuation, max_length))
     return pieces
+
+
+def piece_counts(requests: list[tuple[list[int], list[int]]], max_length: int | None) -> np.ndarray:
+    """How many pieces ``make_pieces`` cuts each request into (int64 [D]): one in recurrent mode,
+    else one window per ``max_length`` continuation tokens (see ``window_pieces``)."""
+    if max_length is None:
+        return np.ones(len(requests), np.int64)
+    return np.array([-(-len(continuation) // max_length) for _, continuation in requests], np.int64)

@@ -267,7 +267,7 @@ def as_language_model(config: MLSTMConfig, params) -> LanguageModel:
         init_state=lambda batch_size: init_state(config, batch_size),
         params=params,
         vocab_size=config.vocab_size,
-        recurrent=True,
+        has_state=True,
     )
 
 

