@@ -17,29 +17,22 @@ Importing this package imports no MLflow; its modules import it when they first 
 """
 
 from ..results_file import read_results
-from .errors import TrackingError, TrackingUnavailable, TrackingWarning, tracking_error, translated
-from .identity import (
-    TAG_FINGERPRINT,
-    TAG_IDENTITY,
-    evaluation_identity,
-    evaluation_timestamp_ms,
-    settings_digest,
-    task_config_digest,
-    task_digest,
-)
+from .errors import TrackingError, TrackingUnavailable, TrackingWarning, tracking_error
+from .identity import TAG_FINGERPRINT, TAG_IDENTITY, evaluation_identity, evaluation_timestamp_ms, settings_digest
 from .keys import as_float, flatten_metrics, flatten_params, metric_key, mlflow_key, results_table
 from .logged_models import checkpoint_info, ensure_checkpoint_model
 from .publish import PublishOutcome, evaluation_run, log_live_metrics, publish_results, sync
-from .redact import REDACTED, redact, redact_uri, scrub_text
+from .redact import REDACTED, redact_uri
 from .store import connected, http_limits, log_batch
 from .training_run import TrainingRun, start_training_run
 from .uri import project_root, resolve_tracking_uri
 
+# The names the rest of the project and its tests use; the modules hold the rest.
 __all__ = [
     "REDACTED", "TAG_FINGERPRINT", "TAG_IDENTITY", "PublishOutcome", "TrackingError", "TrackingUnavailable",
     "TrackingWarning", "TrainingRun", "as_float", "checkpoint_info", "connected", "ensure_checkpoint_model",
     "evaluation_identity", "evaluation_run", "evaluation_timestamp_ms", "flatten_metrics", "flatten_params",
     "http_limits", "log_batch", "log_live_metrics", "metric_key", "mlflow_key", "project_root", "publish_results",
-    "read_results", "redact", "redact_uri", "resolve_tracking_uri", "results_table", "scrub_text", "settings_digest",
-    "start_training_run", "sync", "task_config_digest", "task_digest", "tracking_error", "translated",
+    "read_results", "redact_uri", "resolve_tracking_uri", "results_table", "settings_digest", "start_training_run",
+    "sync", "tracking_error",
 ]
