@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .compare import Comparison, compare, publish
 from .config import positive_int
 from .errors import UserError
 from .paired_stats import CONFIDENCE, DEFAULT_ITERATIONS
+from .results_file import checkpoint_section
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -49,7 +51,7 @@ def _markdown(header: list[str], rows: Iterable[list[str]], right: set[int]) -> 
 def render_table(comparison: Comparison) -> str:
     """Markdown: a heading naming A and B, the table, and the metrics left out."""
     def described(directory: Path, results: Mapping[str, Any]) -> str:
-        step = (results.get("checkpoint") or {}).get("step")
+        step = checkpoint_section(results).get("step")
         return f"`{directory}`" + (f" (step {step})" if step is not None else "")
 
     header = ["Tasks", "Filter", "Metric", "n", "A", "B", "B−A", f"{CONFIDENCE:.0%} CI", "p", "McNemar p"]
@@ -92,8 +94,6 @@ def write_consecutive_comparisons(results_dirs_by_step: Mapping[int, Path], out_
     ``strict=False`` a pair that cannot be compared (no samples, different documents) is skipped
     with a warning instead of raising.  Returns the files written.
     """
-    import warnings
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = sorted(results_dirs_by_step)

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from mlflow_lmeval import tracking
 from mlflow_lmeval.callback import LMEvalCallback, flush_spool, pending_spool_entries
+from mlflow_lmeval.errors import UserError
 from mlflow_lmeval.tracking import TrackingWarning, TrainingRun
 
 
@@ -157,5 +158,5 @@ def test_outage_mid_training_spools_into_the_same_run_and_recovers(store, tmp_pa
 
 
 def test_invalid_filters_are_user_errors():
-    with pytest.raises(tracking.UserError, match="every_n_steps"):
+    with pytest.raises(UserError, match="every_n_steps"):
         LMEvalCallback(fake_lm_eval, every_n_steps=0)

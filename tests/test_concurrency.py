@@ -128,7 +128,7 @@ def test_concurrent_publishers_on_separate_machines_into_one_server(server, tmp_
 
 
 def test_a_lost_insert_race_is_retried_and_other_errors_are_not():
-    from mlflow_lmeval.tracking import _retry_on_conflict
+    from mlflow_lmeval.tracking.store import retry_on_conflict
 
     calls = []
 
@@ -138,12 +138,12 @@ def test_a_lost_insert_race_is_retried_and_other_errors_are_not():
             raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
         return "done"
 
-    assert _retry_on_conflict(insert) == "done" and len(calls) == 2
+    assert retry_on_conflict(insert) == "done" and len(calls) == 2
 
     def reject():
         calls.append(1)
         raise ValueError("bad value")
 
     with pytest.raises(ValueError, match="bad value"):
-        _retry_on_conflict(reject)
+        retry_on_conflict(reject)
     assert len(calls) == 3  # tried once, not retried

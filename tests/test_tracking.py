@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_lmeval import tracking
+from mlflow_lmeval.errors import UserError
 from mlflow_lmeval.tracking import (
     TrackingUnavailable,
     evaluation_identity,
@@ -25,6 +26,7 @@ from mlflow_lmeval.tracking import (
     read_results,
     resolve_tracking_uri,
     results_table,
+    run_contents,
     sync,
 )
 
@@ -370,12 +372,12 @@ def test_sync_twice_creates_nothing_new(store, tmp_path):
 
 def test_interrupted_publish_is_marked_failed_then_completed(store, tmp_path, monkeypatch):
     directory = make_results_dir(tmp_path, 200)
-    real_write = tracking._write_artifacts
+    real_write = run_contents.write_artifacts
 
     def crash(*args, **kwargs):
         raise OSError("disk vanished mid-publish")
 
-    monkeypatch.setattr(tracking, "_write_artifacts", crash)
+    monkeypatch.setattr(run_contents, "write_artifacts", crash)
     with pytest.raises(tracking.TrackingError, match="disk vanished") as caught:
         publish_results(directory, tracking_uri=store)
     assert caught.value.exit_code == 4 and "\n" not in str(caught.value)
@@ -384,7 +386,7 @@ def test_interrupted_publish_is_marked_failed_then_completed(store, tmp_path, mo
     assert partial.info.status == "FAILED"  # never left RUNNING
     assert partial.data.metrics  # metrics went in before the crash
 
-    monkeypatch.setattr(tracking, "_write_artifacts", real_write)
+    monkeypatch.setattr(run_contents, "write_artifacts", real_write)
     outcome = publish_results(directory, tracking_uri=store)
     assert outcome.created and outcome.run_id == partial.info.run_id
     (run,) = all_runs(client)
@@ -397,7 +399,7 @@ def test_interrupted_publish_is_marked_failed_then_completed(store, tmp_path, mo
 
 def test_missing_results_json_is_a_one_line_error_and_writes_nothing(store, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(tracking.UserError, match="no results.json") as caught:
+    with pytest.raises(UserError, match="no results.json") as caught:
         publish_results(tmp_path / "empty", tracking_uri=store)
     assert "\n" not in str(caught.value)
     assert MlflowClient(store).get_experiment_by_name("mlflow_lmeval") is None

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..compare_report import write_consecutive_comparisons
 from ..errors import UserError
+from ..results_file import RESULTS_FILE
+from ..tracking import http_limits, resolve_tracking_uri, sync
 
 PREPARED = Path("data/prepared")
 TASKS = Path("data/tasks")
@@ -144,8 +146,6 @@ def evaluate(params, name: str) -> None:
 
 # ---- publish ----------------------------------------------------------------------------------------
 def publish(params) -> None:
-    from ..tracking import sync
-
     if not params["tracking"].enabled:
         print("tracking is disabled (tracking.enabled: false); nothing to publish")
         return
@@ -158,7 +158,7 @@ def publish(params) -> None:
 # ---- report -----------------------------------------------------------------------------------------
 def collect_results(directory: Path = RESULTS) -> list[dict]:
     rows = []
-    for path in sorted(directory.glob("*/results.json")):
+    for path in sorted(directory.glob(f"*/{RESULTS_FILE}")):
         results = json.loads(path.read_text())
         row = {"checkpoint": path.parent.name, "step": results["checkpoint"]["step"]}
         for task, metrics in flat_metrics(results).items():
@@ -192,9 +192,7 @@ def _log_report_to_training_runs(params) -> None:
     """Attach the chart to each training run that produced an evaluated checkpoint."""
     import warnings
 
-    from ..tracking import http_limits, resolve_tracking_uri
-
-    run_ids = {json.loads(p.read_text())["checkpoint"].get("mlflow_run_id") for p in RESULTS.glob("*/results.json")} - {None}
+    run_ids = {json.loads(p.read_text())["checkpoint"].get("mlflow_run_id") for p in RESULTS.glob(f"*/{RESULTS_FILE}")} - {None}
     if not run_ids:
         return
     from mlflow import MlflowClient

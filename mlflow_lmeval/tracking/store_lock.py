@@ -5,7 +5,7 @@ a checkpoint's LoggedModel) before either has created it both create one, and th
 to open a new SQLite file migrates its schema, so several at once fail with "duplicate column".
 An exclusive ``flock`` per store closes both races on this machine. The kernel drops the lock
 when its holder dies, so a killed publisher never leaves it held. Publishers on other machines do
-not see this lock; tracking.py converges their duplicates instead.
+not see this lock; publish.py converges their duplicates instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .paths import cache_root
+from ..paths import cache_root
+from .uri import sqlite_file
 
 WAIT_NOTICE_S = 5.0  # say why we are waiting once the wait is long enough to puzzle someone
 
@@ -27,10 +28,9 @@ WAIT_NOTICE_S = 5.0  # say why we are waiting once the wait is long enough to pu
 def lock_path(uri: str) -> Path:
     """Beside a local SQLite file (every process that opens it sees the same lock); for other
     stores, one file per URI under the cache root."""
-    if uri.startswith("sqlite:///"):
-        database = Path(uri[len("sqlite:///"):].partition("?")[0])
-        if database.is_absolute() and os.access(database.parent, os.W_OK):
-            return database.with_name(database.name + ".lmeval-lock")
+    database = sqlite_file(uri)
+    if database is not None and os.access(database.parent, os.W_OK):
+        return database.with_name(database.name + ".lmeval-lock")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:24]
     return cache_root() / "locks" / f"{digest}.lock"
 

@@ -1,0 +1,38 @@
+"""MLflow tracking: evaluation runs linked to training runs, checkpoints as LoggedModels, idempotent sync.
+
+One job per module:
+  errors         TrackingError / TrackingUnavailable / TrackingWarning, MLflow failures as one line
+  redact         secrets out of everything sent
+  keys           lm-eval's results as MLflow metric keys, params and a results table
+  identity       what makes two evaluations the same one, and when one ran
+  uri            where the store is
+  store_lock     one publisher at a time per store on this machine
+  store          talking to the store: client, retries, experiments, batches
+  logged_models  checkpoints as LoggedModels
+  run_contents   what an evaluation run holds: params, metrics, inputs, tags, artifacts
+  publish        results dirs into MLflow exactly once (``publish_results``, ``sync``, live metrics)
+  training_run   the training run (``TrainingRun``)
+
+Importing this package imports no MLflow; its modules import it when they first talk to a store.
+"""
+
+from ..results_file import read_results
+from .errors import TrackingError, TrackingUnavailable, TrackingWarning, tracking_error
+from .identity import TAG_FINGERPRINT, TAG_IDENTITY, evaluation_identity, evaluation_timestamp_ms, settings_digest
+from .keys import as_float, flatten_metrics, flatten_params, metric_key, mlflow_key, results_table
+from .logged_models import checkpoint_info, ensure_checkpoint_model
+from .publish import PublishOutcome, evaluation_run, log_live_metrics, publish_results, sync
+from .redact import REDACTED, redact_uri
+from .store import connected, http_limits, log_batch
+from .training_run import TrainingRun, start_training_run
+from .uri import project_root, resolve_tracking_uri
+
+# The names the rest of the project and its tests use; the modules hold the rest.
+__all__ = [
+    "REDACTED", "TAG_FINGERPRINT", "TAG_IDENTITY", "PublishOutcome", "TrackingError", "TrackingUnavailable",
+    "TrackingWarning", "TrainingRun", "as_float", "checkpoint_info", "connected", "ensure_checkpoint_model",
+    "evaluation_identity", "evaluation_run", "evaluation_timestamp_ms", "flatten_metrics", "flatten_params",
+    "http_limits", "log_batch", "log_live_metrics", "metric_key", "mlflow_key", "project_root", "publish_results",
+    "read_results", "redact_uri", "resolve_tracking_uri", "results_table", "settings_digest", "start_training_run",
+    "sync", "tracking_error",
+]

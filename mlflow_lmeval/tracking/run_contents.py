@@ -1,0 +1,144 @@
+"""What an evaluation run holds: params, metrics (tied to each task as dataset and to the
+checkpoint's model), dataset inputs, tags, and redacted artifacts.
+
+MLflow imported lazily (see store.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ..dvc_context import dvc_context_tags
+from ..results_file import RESULTS_FILE, checkpoint_section, live_section, write_results_file
+from . import store
+from .identity import evaluation_timestamp_ms, task_digest
+from .keys import flatten_params, results_table, task_metrics, task_sections
+from .redact import env_secrets, redact, scrub_text
+from .uri import project_root
+
+TAG_MODEL_ID = "lmeval.model_id"
+
+
+def complete_run(client, run, results_dir: Path, results: dict, identity: Mapping[str, str],
+                 training_run_id: str | None, step: int, model_id: str | None) -> None:
+    """Log whatever the run lacks. Params and metrics already there are skipped (a partial run)."""
+    from mlflow.entities import LoggedModelInput, Param
+
+    run_id = run.info.run_id
+    params = flatten_params(results.get("eval_config") or {})
+    params.update(flatten_params(results.get("config") or {}, prefix="lm_eval."))
+    params = [Param(k, v) for k, v in params.items() if k not in run.data.params]
+    timestamp = evaluation_timestamp_ms(results, results_dir / RESULTS_FILE)
+    metrics = _metric_entities(results, step, timestamp, model_id, skip=run.data.metrics)
+    tags = store.tag_list(_run_tags(results, identity, training_run_id, step, model_id))
+    store.log_batch(client, run_id, params=params, tags=tags)
+    store.retry_on_conflict(lambda: client.log_inputs(run_id, datasets=_dataset_inputs(results),
+                                                      models=[LoggedModelInput(model_id)] if model_id else None))
+    store.log_batch(client, run_id, metrics=metrics)
+    with tempfile.TemporaryDirectory(prefix="lmeval-artifacts-") as directory:
+        write_artifacts(Path(directory), results_dir, results)
+        client.log_artifacts(run_id, directory)
+
+
+def _metric_entities(results: Mapping[str, Any], step: int, timestamp_ms: int, model_id: str | None = None,
+                     skip: Iterable[str] = ()) -> list:
+    """MLflow Metric objects: each task's metrics tied to the task as dataset and to the model."""
+    from mlflow.entities import Metric
+
+    skip, metrics, digests = set(skip), [], {}
+    for task, key, number in task_metrics(results):
+        if key in skip:
+            continue
+        if model_id:
+            digest = digests.setdefault(task, task_digest(results, task))
+            metrics.append(Metric(key, number, timestamp_ms, step, model_id=model_id,
+                                  dataset_name=task, dataset_digest=digest))
+        else:
+            metrics.append(Metric(key, number, timestamp_ms, step))
+    return metrics
+
+
+def _dataset_inputs(results: Mapping[str, Any]) -> list:
+    """Each task (and group) as an evaluation dataset, identified by its task digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for task, _ in task_sections(results):
+        source = {"task": task, "version": (results.get("versions") or {}).get(task)}
+        profile = {"n-samples": (results.get("n-samples") or {}).get(task),
+                   "n-shot": (results.get("n-shot") or {}).get(task)}
+        dataset = Dataset(name=task, digest=task_digest(results, task), source_type="lm_eval_task",
+                          source=json.dumps(source, default=str), profile=json.dumps(profile, default=str))
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")]))
+    return inputs
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def _lm_eval_version(results: Mapping[str, Any]) -> str | None:
+    if results.get("lm_eval_version"):
+        return str(results["lm_eval_version"])
+    try:
+        return version("lm_eval")
+    except Exception:  # noqa: BLE001 - a missing version is only a missing tag
+        return None
+
+
+def _run_tags(results: Mapping[str, Any], identity: Mapping[str, str], training_run_id: str | None,
+              step: int, model_id: str | None) -> dict[str, Any]:
+    live = live_section(results) is not None
+    return {
+        **identity,
+        "lmeval.kind": "live_evaluation" if live else "checkpoint_evaluation",
+        "lmeval.checkpoint_path": checkpoint_section(results).get("path"),
+        "lmeval.checkpoint_step": str(step),
+        "lmeval.training_run_id": training_run_id,
+        "lmeval.tasks": ",".join(name for name, _ in task_sections(results)),
+        "lmeval.lm_eval_version": _lm_eval_version(results),
+        "lmeval.git_commit": results.get("git_hash") or _git_commit(project_root()),
+        TAG_MODEL_ID: model_id,
+        "mlflow.loggedArtifacts": json.dumps([{"path": "results_table.json", "type": "table"}]),
+        **dvc_context_tags(),
+    }
+
+
+def write_artifacts(directory: Path, results_dir: Path, results: Mapping[str, Any]) -> None:
+    """Redacted copies of everything the run should carry: results, table, config, samples."""
+    secrets = env_secrets()
+    clean = redact(results, secrets=secrets)
+    write_results_file(directory, clean)
+    (directory / "eval_config.json").write_text(
+        json.dumps(clean.get("eval_config") or {}, indent=2, ensure_ascii=False), encoding="utf-8")
+    rows = results_table(results)
+    columns = list(rows[0]) if rows else ["Task", "Version", "Filter", "n-shot", "Metric", "Value", "Stderr"]
+    # pandas' "split" layout: what mlflow.log_table writes, so the UI shows it as a table; written
+    # whole (log_table would append to an existing file and break idempotency).
+    table = {"columns": columns, "data": [[row[c] for c in columns] for row in rows]}
+    (directory / "results_table.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    with open(directory / "results_table.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    samples = sorted(results_dir.glob("samples_*.jsonl"))
+    if samples:
+        (directory / "samples").mkdir()
+    for source in samples:
+        with open(source, encoding="utf-8", errors="replace") as reader, \
+                open(directory / "samples" / source.name, "w", encoding="utf-8") as writer:
+            for line in reader:
+                writer.write(scrub_text(line, secrets))
+

@@ -1,0 +1,178 @@
+"""Talking to the tracking store: a client, this machine's lock on it, bounded HTTP retries,
+experiments, runs, and batches within MLflow's limits.
+
+MLflow imported lazily: ``import mlflow`` took 2.0-3.4 s on this machine (``from mlflow import
+MlflowClient`` 2.3 s), and importing this package must stay cheap for the CLI and for
+``TrackingUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from . import store_lock
+from .errors import TrackingError, translated
+from .keys import fit_key, key_part
+from .redact import env_secrets, redact_uri, scrub_text
+from .uri import sqlite_file
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+DEFAULT_EXPERIMENT = "mlflow_lmeval"
+DEFAULT_MAX_RETRIES = 2  # with backoff factor 1: a dead server costs ~2-3 s per request, not minutes
+DEFAULT_TIMEOUT_S = 10
+_MAX_TAG_VALUE = 8000
+_BATCH_METRICS, _BATCH_PARAMS_TAGS = 1000, 100  # MLflow's per-request batch limits
+_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER")
+
+
+@contextlib.contextmanager
+def http_limits(max_retries: int | None = None, timeout: float | None = None) -> Iterator[None]:
+    """Bound MLflow's HTTP retries for the duration of a block.
+
+    MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) make a dead server hang a
+    caller for minutes. An explicit argument wins, then the user's own environment, then ours.
+    MLflow reads these variables on every request, so setting them around a call is enough.
+    """
+    saved = {name: os.environ.get(name) for name in _HTTP_ENV}
+    retries, seconds, backoff, jitter = (saved[name] for name in _HTTP_ENV)
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": max_retries if max_retries is not None else retries or DEFAULT_MAX_RETRIES,
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": int(timeout) if timeout is not None else seconds or DEFAULT_TIMEOUT_S,
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": backoff or 1,
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": jitter or 0.5,
+    }
+    os.environ.update({name: str(value) for name, value in wanted.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def locked(uri: str):
+    """This machine's lock on the store (see store_lock.py); the notice names it without secrets."""
+    return store_lock.store_lock(uri, redact_uri(uri))
+
+
+_opened_sqlite: set[str] = set()
+
+
+def client(uri: str):
+    """An MlflowClient of the store; the first open of a SQLite file in this process holds the lock."""
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:") or uri in _opened_sqlite:
+        return MlflowClient(tracking_uri=uri)
+    # The first open of a new SQLite file migrates its schema; two processes at once fail.
+    with locked(uri):
+        opened = MlflowClient(tracking_uri=uri)
+        opened.search_experiments(max_results=1)
+    _opened_sqlite.add(uri)
+    return opened
+
+
+@contextlib.contextmanager
+def connected(uri: str, doing: str, max_retries: int | None = None, timeout: float | None = None) -> Iterator[Any]:
+    """A client of the store, with bounded retries, whose failures become one-line TrackingErrors."""
+    with http_limits(max_retries, timeout), translated(uri, doing):
+        yield client(uri)
+
+
+def experiment_name(experiment: str | None) -> str:
+    """The experiment asked for, else ``MLFLOW_EXPERIMENT_NAME``, else ``mlflow_lmeval``."""
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def ensure_experiment(mlflow_client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing.
+
+    With a SQLite store, artifacts go beside the database (``mlartifacts/``) rather than into
+    ``./mlruns`` of whatever directory the process started in.
+    """
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if (database := sqlite_file(uri)) is not None:
+            location = (database.parent / "mlartifacts" / key_part(name).replace(" ", "_")).as_uri()
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another process may have created it meanwhile
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(f"experiment {name!r} is deleted; restore it in MLflow or pick another --experiment")
+    return experiment.experiment_id
+
+
+def resolve_experiment_id(mlflow_client, uri: str, experiment: str | None, parent_run) -> str:
+    """An explicit experiment wins; else the training run's (so children nest under it in the UI);
+    else ``MLFLOW_EXPERIMENT_NAME``; else ``mlflow_lmeval``."""
+    if experiment is None and parent_run is not None:
+        return parent_run.info.experiment_id
+    return ensure_experiment(mlflow_client, experiment_name(experiment), uri)
+
+
+def active_experiment_ids(mlflow_client) -> list[str]:
+    """Every experiment of the store that is not deleted."""
+    from mlflow.entities import ViewType
+
+    return [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+
+
+def get_run_or_none(mlflow_client, run_id: str):
+    """The run, or None when this store does not know it (a checkpoint from another server)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_run(run_id)
+    except MlflowException as error:
+        if getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(error).lower():
+            return None
+        raise
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def log_batch(mlflow_client, run_id: str, metrics: Iterable = (), params: Iterable = (), tags: Iterable = ()) -> None:
+    """``log_batch`` of MLflow entities within MLflow's per-request limits."""
+    for chunk in _chunks(list(metrics), _BATCH_METRICS):
+        mlflow_client.log_batch(run_id, metrics=chunk)
+    for chunk in _chunks(list(params), _BATCH_PARAMS_TAGS):
+        mlflow_client.log_batch(run_id, params=chunk)
+    for chunk in _chunks(list(tags), _BATCH_PARAMS_TAGS):
+        mlflow_client.log_batch(run_id, tags=chunk)
+
+
+def tag_list(tags: Mapping[str, Any]) -> list:
+    """RunTag entities within MLflow's limits, secrets scrubbed; None values left out."""
+    from mlflow.entities import RunTag
+
+    secrets = env_secrets()
+    return [RunTag(fit_key(k), scrub_text(str(v), secrets)[:_MAX_TAG_VALUE]) for k, v in tags.items() if v is not None]
+
+
+_CONFLICT_HINTS = ("integrityerror", "unique constraint", "duplicate key")
+
+
+def retry_on_conflict(action: Callable[[], Any], attempts: int = 3) -> Any:
+    """MLflow's store creates a task's dataset row on first use without handling a concurrent
+    insert of the same row; a second try finds the row the other publisher made."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 - only a lost insert race is retried
+            if attempt == attempts - 1 or not any(hint in str(error).lower() for hint in _CONFLICT_HINTS):
+                raise
+            time.sleep(0.2 * (attempt + 1))
