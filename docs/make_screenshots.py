@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 link = f"a[href*='experiments/{experiment_id}']"
                 browser.open(f"{base}/#/experiments", ready=f"document.querySelector({link!r}) !== null")
+                # The assistant side panel opens on a first visit and hides half of every page; a
+                # person closes it once (the choice is kept in the browser profile).
+                browser.evaluate("""document.querySelector('button[aria-label="Close"]')?.click()""")
+                time.sleep(1)
                 browser.shoot(args.out / "experiments.png")
                 # Open the experiment as a person does, by its link in the list, and see where it lands.
                 browser.evaluate(f"document.querySelector({link!r}).click()")
