@@ -470,7 +470,7 @@ def make_lm(model, tokenizer, settings):
 
 
 def evaluate_lm(lm, config) -> dict:
-    """What ``evaluate_model`` does, with an LM built by the caller (so its compiled engine is
+    """What ``run_evaluation`` does, with an LM built by the caller (so its compiled engine is
     reused across repeats): lm-eval's requests in, lm-eval's results and our statistics out."""
     from mlflow_lmeval.evaluation import run_lm_eval
     from mlflow_lmeval.lm_eval_stats import add_token_perplexity

@@ -15,6 +15,10 @@ _EXPORTS = {
     "EvalConfig": "mlflow_lmeval.config",
     "UserError": "mlflow_lmeval.errors",
     "evaluate": "mlflow_lmeval.evaluation",
+    "evaluate_model": "mlflow_lmeval.workflows",
+    "TokenizerProtocol": "mlflow_lmeval.tokenizer",
+    "TrackingError": "mlflow_lmeval.tracking",
+    "TrackingUnavailable": "mlflow_lmeval.tracking",
     "LMEvalCallback": "mlflow_lmeval.callback",
 }
 

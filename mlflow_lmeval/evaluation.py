@@ -176,7 +176,7 @@ def engine_settings(config: EvalConfig):
     return EngineSettings(**config_module.engine_values(config))
 
 
-def evaluate_model(model, tokenizer, config: EvalConfig, checkpoint_info: dict | None = None, *,
+def run_evaluation(model, tokenizer, config: EvalConfig, checkpoint_info: dict | None = None, *,
                    show_progress: bool = True) -> dict:
     """Evaluate any model that follows the model contract; returns lm-eval's results, JSON-safe.
 
@@ -224,7 +224,7 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, st
     }
     if getattr(loaded, "hf_config", None) is not None:
         checkpoint_info["hf_config"] = loaded.hf_config  # for the LoggedModel's params; not part of the identity
-    return evaluate_model(loaded.model, tokenizer, config, checkpoint_info, show_progress=show_progress)
+    return run_evaluation(loaded.model, tokenizer, config, checkpoint_info, show_progress=show_progress)
 
 
 def serve_checkpoint(checkpoint_dir: str | os.PathLike) -> int:

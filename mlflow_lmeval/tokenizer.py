@@ -1,4 +1,5 @@
-"""SentencePiece (and Hugging Face ``tokenizers``) behind a tiny interface: train, load, encode, decode, and the special ids."""
+"""The tokenizer protocol the evaluator relies on, and SentencePiece (and Hugging Face ``tokenizers``)
+behind it: train, load, encode, decode, and the special ids."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFBackend
@@ -16,6 +18,37 @@ from .errors import UserError
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Byte fallback needs 256 byte pieces plus the four specials, and a few real pieces on top.
 MIN_VOCAB_SIZE = 300
+
+
+@runtime_checkable
+class TokenizerProtocol(Protocol):
+    """What the evaluator asks of a tokenizer; ``Tokenizer`` and ``HFTokenizer`` are two.
+
+    ``encode`` adds no special tokens: the evaluator puts ``bos_id`` (else ``eos_id``) before an
+    empty context itself, as lm-eval's ``hf`` backend does, and ``eos_id`` ends generation. An
+    optional ``name`` names the tokenizer in lm-eval's request-cache key (else its class does).
+    """
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+TOKENIZER_MEMBERS = ("vocab_size", "bos_id", "eos_id", "encode", "decode")
+_METHODS = ("encode", "decode")
+
+
+def check_tokenizer(tokenizer) -> None:
+    """One UserError naming every member of ``TokenizerProtocol`` that ``tokenizer`` lacks."""
+    missing = [m for m in TOKENIZER_MEMBERS if not hasattr(tokenizer, m)]
+    missing += [f"{m} (not callable)" for m in _METHODS if m not in missing and not callable(getattr(tokenizer, m))]
+    if missing:
+        raise UserError(f"the tokenizer ({type(tokenizer).__name__}) lacks {', '.join(missing)}: a tokenizer needs "
+                        "vocab_size, bos_id, eos_id, encode(str) -> list[int] and decode(list[int]) -> str")
 
 
 class Tokenizer:

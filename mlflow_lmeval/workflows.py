@@ -1,18 +1,22 @@
-"""The two jobs the CLI and the DVC stages share: a tracked training run, and evaluate-then-publish."""
+"""The jobs the CLI, the DVC stages and the Python API share: a tracked training run, and
+evaluate-then-publish (of a checkpoint directory, or of a model in memory: ``evaluate_model``)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .callback import LMEvalCallback
 from .config import EvalConfig
 from .errors import UserError
-from .evaluation import evaluate, evaluate_model
+from .evaluation import evaluate, run_evaluation
+from .tokenizer import check_tokenizer
 from .tracking import TrackingError, TrainingRun, flatten_metrics, publish_results
+from .tracking.logged_models import FINGERPRINT
 
 # The reference model and training loop imported inside ``tracked_training``: they import JAX,
 # 3.2 s measured on this machine, which evaluate-then-publish and the CLI's other commands skip.
@@ -66,7 +70,7 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
         if live.every and live.config is not None:
             def evaluate_live(params):
                 model = mlstm.as_language_model(model_config, params)
-                return evaluate_model(model, tokenizer, live.config, show_progress=False)
+                return run_evaluation(model, tokenizer, live.config, show_progress=False)
 
             if tracking.enabled:
                 on_step = LMEvalCallback(evaluate_live, every_n_steps=live.every, tracking_uri=tracking.tracking_uri).callback
@@ -79,17 +83,15 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
                      mlflow_run_id=getattr(run, "run_id", None), on_log=log, on_checkpoint=checkpointed, on_step=on_step)
 
 
-def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking = Tracking(), *,
-                         training_run_id: str | None = None, step: int | None = None, strict: bool = True,
-                         show_progress: bool = True):
-    """Evaluate, write results.json (always first), then publish it to MLflow.
-
-    With ``strict`` a tracking failure raises (after results.json is safe on disk); otherwise it
-    warns, leaving ``mlflow-lmeval sync`` to catch up. Returns (results, PublishOutcome or None).
-    """
+def _require_output_path(config: EvalConfig) -> None:
     if not config.output_path:
         raise UserError("an output path is needed: results.json is written before anything is published")
-    results = evaluate(checkpoint_dir, config, step=step, show_progress=show_progress)
+
+
+def _evaluate_then_publish(run: Callable[[], dict], config: EvalConfig, tracking: Tracking, *,
+                           training_run_id: str | None, strict: bool):
+    """``run()`` writes results.json into ``config.output_path``; then it is published (if tracking)."""
+    results = run()
     if not tracking.enabled:
         return results, None
     try:
@@ -102,3 +104,66 @@ def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking 
         warnings.warn(message)
         return results, None
     return results, outcome
+
+
+def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking = Tracking(), *,
+                         training_run_id: str | None = None, step: int | None = None, strict: bool = True,
+                         show_progress: bool = True):
+    """Evaluate, write results.json (always first), then publish it to MLflow.
+
+    With ``strict`` a tracking failure raises (after results.json is safe on disk); otherwise it
+    warns, leaving ``mlflow-lmeval sync`` to catch up. Returns (results, PublishOutcome or None).
+    """
+    _require_output_path(config)
+    return _evaluate_then_publish(lambda: evaluate(checkpoint_dir, config, step=step, show_progress=show_progress),
+                                  config, tracking, training_run_id=training_run_id, strict=strict)
+
+
+def _active_run() -> tuple[str | None, str | None]:
+    """(id of this process's active MLflow run, the tracking URI the user set); None for either
+    that is not there. Only a process that imported mlflow can have set one, so nothing is
+    imported here for a caller who never touched MLflow."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return None, None
+    active = mlflow.active_run()
+    uri = mlflow.get_tracking_uri() if active is not None or mlflow.tracking.is_tracking_uri_set() else None
+    return (active.info.run_id if active is not None else None), uri
+
+
+def evaluate_model(model, tokenizer, config: EvalConfig | dict[str, Any], *, step: int,
+                   training_run_id: str | None = None, fingerprint: str | None = None,
+                   publish: bool = True) -> dict:
+    """Evaluate a model in memory on lm-eval tasks, write results.json, publish it; returns
+    lm-eval's results dict (JSON-safe: ``results[task]["acc,none"]``...).
+
+    ``model`` is a ``LanguageModel`` (``from_nnx``, ``from_linen_cache``, or built by hand);
+    ``tokenizer`` meets ``TokenizerProtocol`` (``vocab_size``, ``bos_id``, ``eos_id``,
+    ``encode(str) -> list[int]``, ``decode(list[int]) -> str``); ``config`` is an ``EvalConfig``
+    or a dict of its fields. ``step`` is the training step the params are from.
+
+    With ``publish``, ``config.output_path`` must be set: results.json is written there first, then
+    one evaluation run is published to MLflow, its metrics at ``step``, as a child of
+    ``training_run_id``, else of the active MLflow run if there is one. It goes to the tracking
+    URI the active run lives in (or ``mlflow.set_tracking_uri``'s), else ``MLFLOW_TRACKING_URI``,
+    else ``sqlite:///<project root>/mlflow.db``. A tracking failure raises ``TrackingUnavailable``
+    or ``TrackingError`` after results.json is safe (``mlflow-lmeval sync`` publishes it later).
+
+    ``fingerprint`` names the params (e.g. a digest of them, or ``"<run id>:<step>"``; letters,
+    digits and ``_:.-``) and must change whenever they do. With one, the evaluation is resumable
+    (the response cache keys on it, unless ``config.response_cache`` is off) and the checkpoint
+    gets its LoggedModel (keyed on it). Without one there is no LoggedModel and no response cache.
+    """
+    config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
+    check_tokenizer(tokenizer)
+    if fingerprint is not None and not (isinstance(fingerprint, str) and FINGERPRINT.match(fingerprint)):
+        raise UserError(f"fingerprint {fingerprint!r} is not valid: use letters, digits and _:.- only")
+    if publish:
+        _require_output_path(config)
+    active_run_id, tracking_uri = _active_run()
+    training_run_id = training_run_id or active_run_id  # recorded in results.json, for a later sync too
+    tracking = Tracking(enabled=publish, tracking_uri=tracking_uri)
+    checkpoint = {"path": None, "step": int(step), "fingerprint": fingerprint, "mlflow_run_id": training_run_id}
+    results, _ = _evaluate_then_publish(lambda: run_evaluation(model, tokenizer, config, checkpoint),
+                                        config, tracking, training_run_id=training_run_id, strict=True)
+    return results

@@ -11,7 +11,7 @@ from mlflow_lmeval import config as config_module
 from mlflow_lmeval.config import REQUESTS, RESPONSES, STATISTICS, EvalConfig
 from mlflow_lmeval.engine.cached import CachedEngine
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
-from mlflow_lmeval.evaluation import configure_environment, engine_settings, evaluate_model
+from mlflow_lmeval.evaluation import configure_environment, engine_settings, run_evaluation
 from mlflow_lmeval.pipeline.params import load_params
 from mlflow_lmeval.tracking import settings_digest
 
@@ -160,7 +160,7 @@ def _write_task(directory: Path, texts: list[str], doc_to_text: str = "{{text}}"
 def _prompts(checkpoint, directory: Path, output: Path, limit=None) -> list[str]:
     config = EvalConfig(evaluation_tasks=("changing",), include_path=str(directory), output_path=str(output),
                         log_samples=True, bootstrap_iters=0, limit_requests=limit, batch_size=4)
-    evaluate_model(checkpoint.model, checkpoint.tokenizer, config, show_progress=False)
+    run_evaluation(checkpoint.model, checkpoint.tokenizer, config, show_progress=False)
     lines = (output / "samples_changing.jsonl").read_text().splitlines()
     return [json.loads(line)["arguments"][0][0] for line in lines]
 
@@ -203,7 +203,7 @@ def test_unreachable_hub_dataset_names_both_ways_out(checkpoint, tmp_path):
     }))
     config = EvalConfig(evaluation_tasks=("hubtask",), include_path=str(tmp_path), offline=True, bootstrap_iters=0)
     with pytest.raises(UserError) as raised:
-        evaluate_model(checkpoint.model, checkpoint.tokenizer, config, show_progress=False)
+        run_evaluation(checkpoint.model, checkpoint.tokenizer, config, show_progress=False)
     message = str(raised.value)
     assert "task hubtask" in message and "nobody/not_cached_anywhere" in message, message
     assert "go online" in message and "include:" in message and "dataset_path: json" in message, message

@@ -22,7 +22,7 @@ from .keys import flatten_params
 from .redact import env_secrets, scrub_text
 from .uri import resolve_tracking_uri
 
-_FINGERPRINT = re.compile(r"^[\w:.\-]+$")
+FINGERPRINT = re.compile(r"^[\w:.\-]+$")  # what a LoggedModel tag and a search filter can hold
 
 
 def checkpoint_info(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def checkpoint_info(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
                 raise UserError(f"not a checkpoint (no readable metadata.json): {directory}") from error
             info = {**metadata, "path": str(directory.resolve())}
     fingerprint = info.get("fingerprint")
-    if not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint):
+    if not isinstance(fingerprint, str) or not FINGERPRINT.match(fingerprint):
         raise UserError(f"checkpoint {info.get('path')!r} has no valid fingerprint: {fingerprint!r}")
     result = {"path": info.get("path"), "step": int(info.get("step") or 0), "fingerprint": fingerprint,
               "mlflow_run_id": info.get("mlflow_run_id")}
@@ -69,14 +69,15 @@ def ensure_model(client, experiment_id: str, info: Mapping[str, Any], training_r
     model = _find_checkpoint_model(client, experiment_id, info["fingerprint"])
     if model is None:
         secrets = env_secrets()
-        path = scrub_text(str(info.get("path")), secrets)
+        # A model evaluated from memory (``mlflow_lmeval.evaluate_model``) has no path to record.
+        path = scrub_text(str(info["path"]), secrets) if info.get("path") else None
         model = client.create_logged_model(
             experiment_id=experiment_id,
             name=f"checkpoint-step-{info['step']}",
             source_run_id=training_run_id,
             tags={"mlflow.modelIsExternal": "true", TAG_FINGERPRINT: info["fingerprint"],
-                  "lmeval.checkpoint_path": path, "lmeval.checkpoint_step": str(info["step"])},
-            params={"step": str(info["step"]), "path": path, "fingerprint": info["fingerprint"],
+                  **({"lmeval.checkpoint_path": path} if path else {}), "lmeval.checkpoint_step": str(info["step"])},
+            params={"step": str(info["step"]), **({"path": path} if path else {}), "fingerprint": info["fingerprint"],
                     **flatten_params(info.get("hf_config") or {}, prefix="hf_config.")},
             model_type="checkpoint",
         )
