@@ -159,6 +159,27 @@ def test_a_training_run_spooled_in_an_outage_arrives_whole_once_the_server_is_up
         mlflow.set_tracking_uri(None)
 
 
+def test_an_outage_mid_training_spools_the_rest_into_the_same_run(store, tmp_path, dead_uri):
+    spool = tmp_path / "spool"
+    with pytest.warns(TrackingWarning, match="unreachable"):
+        with TrainingRun(tracking_uri=store, spool_dir=spool) as run:
+            for step in range(1, 7):
+                run.tracking_uri = dead_uri if step >= 3 else store  # the server goes away at step 3
+                run.log_metrics(step, {"loss": 1.0 / step})
+                if step == 4:
+                    run.log_checkpoint(step, make_checkpoint(tmp_path, 100, run.run_id))
+    client = MlflowClient(store)
+    assert points(client, run.run_id, "loss") == [(1, 1.0), (2, 0.5)]
+
+    sync([spool], tracking_uri=store)
+    assert points(client, run.run_id, "loss") == [(s, 1.0 / s) for s in range(1, 7)]
+    assert [o.step for o in client.get_run(run.run_id).outputs.model_outputs] == [4]
+    before = _snapshot(client, store)
+    sync([spool], tracking_uri=store)
+    assert _snapshot(client, store) == before
+    assert len(client.search_runs([client.get_run(run.run_id).info.experiment_id])) == 1
+
+
 def test_experiments_are_marked_as_model_development_unless_marked_otherwise(store):
     client = MlflowClient(store)
     created = tracking_store.ensure_experiment(client, "fresh", store)

@@ -343,7 +343,7 @@ def _snapshot(client, store):
         "runs": sorted(r.info.run_id for r in runs),
         "points": points,
         "models": sorted(m.model_id for m in models),
-        "model_metrics": sum(len(m.metrics) for m in models),
+        "model_metrics": sum(len(m.metrics or []) for m in models),
         "inputs": sum(len(r.inputs.dataset_inputs) + len(r.inputs.model_inputs) for r in runs),
         "outputs": sum(len(r.outputs.model_outputs) for r in runs if r.outputs),
     }
