@@ -3,7 +3,8 @@
 Framework-agnostic: it only needs an ``evaluate_fn(params) -> lm-eval results`` and a place in the
 training loop to be called from. Tracking can fail; training must not. Whatever cannot be logged
 is written to a spool dir as a results dir that ``flush_spool`` (or ``mlflow-lmeval sync``) publishes
-later into the same run at the same step.
+later into the same run at the same step; that run may itself be spooled (``TrainingRun`` when
+MLflow was down as training started), and is then published first.
 """
 
 from __future__ import annotations
@@ -19,22 +20,27 @@ from typing import Any, Callable, Mapping
 from .errors import UserError
 from .results_file import RESULTS_FILE, live_results, write_results_file
 from .tracking import (
+    LIVE_PREFIX,
+    SPOOL_DIR_NAME,
+    SPOOLED_PREFIX,
     PublishOutcome,
     TrackingUnavailable,
     TrackingWarning,
     as_float,
+    find_training_spools,
     flatten_metrics,
     http_limits,
     log_live_metrics,
     project_root,
     publish_results,
+    publish_training_spool,
     resolve_tracking_uri,
+    spooled_training_reference,
     tracking_error,
 )
 
 # JAX and MLflow imported lazily: 3.2 s and 2.0-3.4 s measured on this machine. The callback works
 # without JAX (one process), and ``mlflow_lmeval`` itself must load without either.
-SPOOL_DIR_NAME = ".mlflow_lmeval_spool"
 PUBLISHED_MARKER = "published.json"
 
 
@@ -84,11 +90,15 @@ def pending_spool_entries(spool_dir: str | os.PathLike) -> list[Path]:
 
 
 def flush_spool(spool_dir: str | os.PathLike, **publish_kwargs) -> list[PublishOutcome]:
-    """Publish every pending spool entry (``publish_kwargs`` go to ``publish_results``).
+    """Publish the training runs spooled in ``spool_dir``, then every pending spool entry
+    (``publish_kwargs`` go to ``publish_results``); returns the entries' outcomes.
 
     Each published entry gets a ``published.json`` marker and is skipped next time; publishing is
     idempotent anyway. Raises TrackingUnavailable if the server is still down (the rest stay).
     """
+    limits = {name: publish_kwargs.get(name) for name in ("tracking_uri", "max_retries", "timeout")}
+    for training_spool in find_training_spools([spool_dir]):
+        publish_training_spool(training_spool, **limits)
     outcomes = []
     for entry in pending_spool_entries(spool_dir):
         outcome = publish_results(entry, **publish_kwargs)
@@ -102,7 +112,9 @@ class LMEvalCallback:
 
     ``evaluate_fn(params)`` returns lm-eval's results (whole output or its ``results`` mapping).
     It runs on *every* process (a sharded model needs all hosts for its collectives); only process
-    0 logs. Metric keys follow ``tracking.keys.metric_key`` (``lmeval/<task>/acc``) at the training step.
+    0 logs. Metric keys follow ``tracking.keys.metric_key`` with the live prefix
+    (``lmeval_live/<task>/acc``) at the training step, apart from checkpoint evaluations of the
+    same step (``lmeval/<task>/acc``) on the same run.
 
     Hooks, as in the trainer this replaces:
     - ``on_validation_epoch_start(epoch_idx, step_idx)``: evaluates when ``epoch_idx`` is a multiple
@@ -194,7 +206,7 @@ class LMEvalCallback:
         if self.process_index() != 0:
             return None
         results = as_results(output)
-        metrics = flatten_metrics(results)
+        metrics = flatten_metrics(results, LIVE_PREFIX)
         self.history[step] = metrics
         self._log(step, results, metrics)
         return metrics
@@ -205,11 +217,11 @@ class LMEvalCallback:
 
         timestamp_ms = int(time.time() * 1000)
         active = mlflow.active_run()
-        run_id = active.info.run_id if active else None
-        if run_id is None:
-            reason = None if self._warned_no_run else "there is no active MLflow run"
+        run_id = active.info.run_id if active else spooled_training_reference()
+        if run_id is None or run_id.startswith(SPOOLED_PREFIX):  # no run, or one MLflow has not got yet
+            reason = "there is no active MLflow run" if run_id is None else "the training run is spooled"
+            self._spool(results, run_id, step, timestamp_ms, None if self._warned_no_run else reason)
             self._warned_no_run = True
-            self._spool(results, None, step, timestamp_ms, reason)
             return
         if time.monotonic() < self._offline_until:
             self._spool(results, run_id, step, timestamp_ms, None)

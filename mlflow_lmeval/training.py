@@ -95,6 +95,8 @@ def train(
     ``on_log(step, {"loss", "tokens_per_s"})`` is called every ``log_every`` steps,
     ``on_checkpoint(step, path, params)`` after each checkpoint is written, and
     ``on_step(step, params)`` after every step (a training callback filters the steps itself).
+    ``mlflow_run_id`` goes into each checkpoint's metadata: the training run's id, or its
+    ``spooled:<identity>`` reference while MLflow has not got it (``TrainingRun.reference``).
     """
     settings.validate()
     window = settings.sequence_length + 1

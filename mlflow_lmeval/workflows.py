@@ -80,7 +80,7 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
                         scores = flatten_metrics(evaluate_live(params))
                         print(f"step {step} lm-eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scores.items())), flush=True)
         return train(tokens, tokenizer, model_config, settings, output_dir,
-                     mlflow_run_id=getattr(run, "run_id", None), on_log=log, on_checkpoint=checkpointed, on_step=on_step)
+                     mlflow_run_id=getattr(run, "reference", None), on_log=log, on_checkpoint=checkpointed, on_step=on_step)
 
 
 def _require_output_path(config: EvalConfig) -> None:

@@ -61,12 +61,12 @@ def test_callback_logs_eval_metrics_at_the_right_steps_of_the_active_run(store, 
         toy_training(12, callback, log=run.log_metrics)
     assert len(calls) == 3
     client = MlflowClient(store)
-    acc = history(client, run.run_id, "lmeval/toy_task/acc")
+    acc = history(client, run.run_id, "lmeval_live/toy_task/acc")
     assert [step for step, _ in acc] == [4, 8, 12]
-    assert acc == [(step, callback.history[step]["lmeval/toy_task/acc"]) for step in (4, 8, 12)]
+    assert acc == [(step, callback.history[step]["lmeval_live/toy_task/acc"]) for step in (4, 8, 12)]
     assert acc[-1][1] == 1.0  # the weights passed 0.5 by then: the live params were evaluated
-    assert [s for s, _ in history(client, run.run_id, "lmeval/toy_task/acc_stderr")] == [4, 8, 12]
-    assert "lmeval/toy_task/perplexity_stderr" not in client.get_run(run.run_id).data.metrics  # "N/A"
+    assert [s for s, _ in history(client, run.run_id, "lmeval_live/toy_task/acc_stderr")] == [4, 8, 12]
+    assert "lmeval_live/toy_task/perplexity_stderr" not in client.get_run(run.run_id).data.metrics  # "N/A"
     assert all(type(v) is float for metrics in callback.history.values() for v in metrics.values())
     assert [s for s, _ in history(client, run.run_id, "loss")] == list(range(1, 13))
     assert pending_spool_entries(tmp_path / "spool") == []
@@ -81,7 +81,7 @@ def test_validation_and_test_hooks_honour_the_filters(store, tmp_path):
             callback.on_validation_epoch_start(epoch, epoch * 10)  # epochs 2, 4; step 30
             callback.on_validation_epoch_start(epoch, epoch * 10)  # same step again: not twice
         callback.on_test_epoch_start(5)  # always, at the last step seen
-    points = history(MlflowClient(store), run.run_id, "lmeval/toy_task/acc")
+    points = history(MlflowClient(store), run.run_id, "lmeval_live/toy_task/acc")
     assert points == [(20, 1.0), (30, 1.0), (40, 1.0), (50, 1.0)]
 
 
@@ -102,31 +102,40 @@ def test_training_finishes_with_a_dead_server_and_the_spool_syncs_later(store, t
                               process_index=lambda: 0)
     started = time.monotonic()
     with pytest.warns(TrackingWarning) as caught:
-        with TrainingRun(tracking_uri=dead_uri, params={"lr": 0.2}) as run:
+        with TrainingRun(tracking_uri=dead_uri, params={"lr": 0.2}, spool_dir=spool) as run:
             final = toy_training(9, callback, log=run.log_metrics)
             assert run.log_checkpoint(9, tmp_path / "nowhere") is None
     elapsed = time.monotonic() - started
     assert elapsed < 60, f"a dead server slowed training by {elapsed:.0f} s"
     assert float(final["w"][0]) > 0.99  # training ran to the end (1 - 0.5**9)
-    assert run.run_id is None and run.unavailable
+    assert run.run_id is None and run.unavailable and run.reference.startswith("spooled:")
     messages = [str(w.message) for w in caught]
-    assert any("unreachable" in m and dead_uri in m for m in messages)
+    assert any("unreachable" in m and dead_uri in m and str(spool) in m for m in messages)
     assert len(messages) <= 3  # warned once per cause, not once per step
     entries = pending_spool_entries(spool)
     assert len(entries) == 3
     spooled = json.loads((entries[0] / "results.json").read_text())
     assert spooled["live"]["step"] == 3 and "samples" not in spooled
+    assert spooled["live"]["run_id"] == run.reference  # the spooled training run, not an orphan
 
-    outcomes = flush_spool(spool, tracking_uri=store)  # the server is gone; publish to SQLite instead
+    # The server is gone; publish to SQLite instead. The training run is created first, and the
+    # live evaluations go into it at their steps.
+    outcomes = flush_spool(spool, tracking_uri=store)
     assert [o.created for o in outcomes] == [True] * 3
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("mlflow_lmeval")
-    runs = client.search_runs([experiment.experiment_id])
-    assert sorted(int(r.data.tags["lmeval.checkpoint_step"]) for r in runs) == [3, 6, 9]
-    assert {r.data.tags["lmeval.kind"] for r in runs} == {"live_evaluation"}
+    (training,) = client.search_runs([experiment.experiment_id])
+    assert {o.run_id for o in outcomes} == {training.info.run_id}
+    assert training.data.tags["lmeval.kind"] == "training" and training.info.status == "FINISHED"
+    assert training.data.params == {"lr": "0.2"}
+    assert [s for s, _ in history(client, training.info.run_id, "loss")] == list(range(1, 10))
+    acc = history(client, training.info.run_id, "lmeval_live/toy_task/acc")
+    assert acc == [(step, callback.history[step]["lmeval_live/toy_task/acc"]) for step in (3, 6, 9)]
     assert flush_spool(spool, tracking_uri=store) == []
     assert [o.created for o in tracking.sync([spool], tracking_uri=store)] == [False] * 3
-    assert len(client.search_runs([experiment.experiment_id])) == 3
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    assert len(history(client, training.info.run_id, "loss")) == 9
+    assert len(history(client, training.info.run_id, "lmeval_live/toy_task/acc")) == 3
 
 
 def test_outage_mid_training_spools_into_the_same_run_and_recovers(store, tmp_path, dead_uri):
@@ -141,7 +150,7 @@ def test_outage_mid_training_spools_into_the_same_run_and_recovers(store, tmp_pa
             callback(step, params)
             if step == 7:
                 assert len(pending_spool_entries(spool)) == 2
-                assert [s for s, _ in history(client, run.run_id, "lmeval/toy_task/acc")] == [2]
+                assert [s for s, _ in history(client, run.run_id, "lmeval_live/toy_task/acc")] == [2]
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -149,12 +158,12 @@ def test_outage_mid_training_spools_into_the_same_run_and_recovers(store, tmp_pa
     assert any(issubclass(w.category, TrackingWarning) for w in caught)
     # Back online at step 8: the spool was flushed into the same run, at the original steps.
     assert pending_spool_entries(spool) == []
-    acc = history(client, run.run_id, "lmeval/toy_task/acc")
+    acc = history(client, run.run_id, "lmeval_live/toy_task/acc")
     assert sorted(step for step, _ in acc) == [2, 4, 6, 8]
     assert flush_spool(spool, tracking_uri=store) == []
     for entry in spool.iterdir():  # publishing a spooled entry again adds no point
         assert tracking.publish_results(entry, tracking_uri=store).created is False
-    assert sorted(step for step, _ in history(client, run.run_id, "lmeval/toy_task/acc")) == [2, 4, 6, 8]
+    assert sorted(step for step, _ in history(client, run.run_id, "lmeval_live/toy_task/acc")) == [2, 4, 6, 8]
 
 
 def test_invalid_filters_are_user_errors():

@@ -343,7 +343,7 @@ def _snapshot(client, store):
         "runs": sorted(r.info.run_id for r in runs),
         "points": points,
         "models": sorted(m.model_id for m in models),
-        "model_metrics": sum(len(m.metrics) for m in models),
+        "model_metrics": sum(len(m.metrics or []) for m in models),
         "inputs": sum(len(r.inputs.dataset_inputs) + len(r.inputs.model_inputs) for r in runs),
         "outputs": sum(len(r.outputs.model_outputs) for r in runs if r.outputs),
     }
@@ -364,7 +364,13 @@ def test_sync_twice_creates_nothing_new(store, tmp_path):
     assert [o.run_id for o in second] == [o.run_id for o in first]
     after = _snapshot(client, store)
     assert after == before
-    assert set(after["points"].values()) == {1}  # one point per metric, never a repeat
+    # One point per metric on each evaluation run, never a repeat; on the training run one per
+    # checkpoint, at its step (the learning curve).
+    assert {n for (run_id, _), n in after["points"].items() if run_id != training.run_id} == {1}
+    curves = {key: n for (run_id, key), n in after["points"].items() if run_id == training.run_id}
+    assert len(curves) == 15 and set(curves.values()) == {3}
+    assert sorted(p.step for p in client.get_metric_history(training.run_id, "lmeval/pydoc_nextsentence/acc")) == [
+        100, 200, 300]
     # Registering a checkpoint again finds its model instead of making a twin.
     assert tracking.ensure_checkpoint_model(tmp_path / "ckpt" / "step_100", tracking_uri=store) in before["models"]
     assert _snapshot(client, store) == before

@@ -2,6 +2,8 @@
 
 MLflow accepts only ``[/\\w.\\- :]`` in keys, at most 250 characters. lm-eval's ``acc,none`` of
 task ``arc`` becomes ``lmeval/arc/acc``; a filter other than ``none`` is appended as ``/<filter>``.
+Evaluations of training params (the live callback) use the prefix ``lmeval_live`` instead, so on the
+training run they and checkpoint evaluations of the same step stay two separate curves.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from .redact import env_secrets, is_secret_key, redact
 NOT_METRICS = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
 MAX_KEY = 250  # MLflow's limit on metric/param/tag keys
 MAX_PARAM_VALUE = 6000
+CHECKPOINT_PREFIX = "lmeval"  # evaluations of saved checkpoints
+LIVE_PREFIX = "lmeval_live"  # evaluations of live training params (LMEvalCallback)
 
 
 def key_part(text: Any) -> str:
@@ -39,17 +43,18 @@ def mlflow_key(*parts: Any) -> str:
     return fit_key("/".join(key_part(part) for part in parts))
 
 
-def metric_key(task: str, lm_eval_key: str) -> str | None:
+def metric_key(task: str, lm_eval_key: str, prefix: str = CHECKPOINT_PREFIX) -> str | None:
     """lm-eval's ``"<metric>,<filter>"`` key as an MLflow metric key, or None if it is no metric.
 
     ``("arc", "acc,none")`` -> ``"lmeval/arc/acc"``; ``("gsm8k", "exact_match,strict-match")`` ->
     ``"lmeval/gsm8k/exact_match/strict-match"``; ``"alias"``, ``"name"``, ``"sample_len"`` -> None.
-    Characters MLflow rejects become ``_`` (``@`` becomes ``_at_``).
+    Characters MLflow rejects become ``_`` (``@`` becomes ``_at_``). ``prefix`` replaces ``lmeval``
+    (``LIVE_PREFIX`` for live evaluations).
     """
     metric, _, filter_name = str(lm_eval_key).partition(",")
     if not metric or metric in NOT_METRICS:
         return None
-    return mlflow_key("lmeval", task, metric, *([filter_name] if filter_name and filter_name != "none" else []))
+    return mlflow_key(prefix, task, metric, *([filter_name] if filter_name and filter_name != "none" else []))
 
 
 def as_float(value: Any) -> float | None:
@@ -76,24 +81,24 @@ def task_sections(results: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str
                 yield name, values
 
 
-def task_metrics(results: Mapping[str, Any]) -> Iterator[tuple[str, str, float]]:
+def task_metrics(results: Mapping[str, Any], prefix: str = CHECKPOINT_PREFIX) -> Iterator[tuple[str, str, float]]:
     """(task, MLflow key, value) of every numeric metric and stderr of every task and group.
 
     "N/A" and other non-numeric values are left out.
     """
     for task, values in task_sections(results):
         for raw_key, value in values.items():
-            key, number = metric_key(task, raw_key), as_float(value)
+            key, number = metric_key(task, raw_key, prefix), as_float(value)
             if key is not None and number is not None:
                 yield task, key, number
 
 
-def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """Every numeric metric and stderr of every task and group, keyed by ``metric_key``.
+def flatten_metrics(results: Mapping[str, Any], prefix: str = CHECKPOINT_PREFIX) -> dict[str, float]:
+    """Every numeric metric and stderr of every task and group, keyed by ``metric_key`` (with ``prefix``).
 
     Takes lm-eval's whole output (with ``"results"``) or just its ``results`` mapping.
     """
-    return {key: number for _, key, number in task_metrics(results)}
+    return {key: number for _, key, number in task_metrics(results, prefix)}
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""Making MLflow hold what results dirs hold, exactly once: ``publish_results``, ``sync``, and a
-live evaluation's metrics back into its training run.
+"""Making MLflow hold what results dirs hold, exactly once: ``publish_results``, ``sync``, and every
+evaluation's metrics also on its training run, at its step (the learning curves).
 
 ``results.json`` is the source of truth; publishing only reads it, so it can be repeated at any
 time (after an outage, after a DVC run-cache hit) and never duplicates a run, a metric or a model.
@@ -19,6 +19,7 @@ from typing import Iterable, Mapping
 
 from ..errors import UserError
 from ..results_file import (
+    RESULTS_FILE,
     checkpoint_section,
     evaluated_step,
     find_results_dirs,
@@ -29,10 +30,11 @@ from ..results_file import (
 from . import store
 from .errors import TrackingUnavailable, TrackingWarning
 from .identity import TAG_IDENTITY, evaluation_identity, evaluation_timestamp_ms
-from .keys import flatten_metrics
+from .keys import LIVE_PREFIX, flatten_metrics
 from .logged_models import checkpoint_info, ensure_model
 from .redact import redact_uri
 from .run_contents import TAG_MODEL_ID, complete_run
+from .training_spool import find_training_spools, publish_training_spool
 from .uri import resolve_tracking_uri
 
 TAG_PUBLISHER = "lmeval.publisher"  # host:pid of the process writing the run, to tell live from abandoned
@@ -125,12 +127,17 @@ def _publish_evaluation(client, uri: str, results_dir: Path, results: dict, expe
     if training_run_id and parent is None:
         warnings.warn(f"training run {training_run_id} is not in {redact_uri(uri)}; publishing without a parent link",
                       TrackingWarning, stacklevel=3)
+    training_run_id = parent.info.run_id if parent else training_run_id  # a spooled reference resolved
     experiment_id = store.resolve_experiment_id(client, uri, experiment, parent)
     identity = evaluation_identity(results)
+    timestamp_ms = evaluation_timestamp_ms(results, results_dir / RESULTS_FILE)
 
     runs = _find_evaluation_runs(client, [experiment_id], identity[TAG_IDENTITY])
     run = _the_one_kept(runs)
-    if run is not None:
+    if run is not None:  # published before, maybe by a version that left the training run without it
+        if parent is not None:
+            _link_to_parent(client, run, parent.info.run_id)
+            _log_points_once(client, parent.info.run_id, step, flatten_metrics(results), timestamp_ms)
         return PublishOutcome(run.info.run_id, False, run.data.tags.get(TAG_MODEL_ID), str(results_dir))
 
     leftover = next((run for run in runs if _is_abandoned(run)), None)
@@ -158,10 +165,24 @@ def _publish_evaluation(client, uri: str, results_dir: Path, results: dict, expe
         _mark_failed(client, run_id)
         raise
     kept = _keep_one_finished(client, experiment_id, identity[TAG_IDENTITY])
+    if parent is not None:  # the learning curve: this checkpoint's scores on the training run, at its step
+        _log_points_once(client, parent.info.run_id, step, flatten_metrics(results), timestamp_ms)
     return PublishOutcome(kept.info.run_id, kept.info.run_id == run_id, model_id, str(results_dir))
 
 
-def _log_live_points(client, run_id: str, step: int, metrics: Mapping[str, float], timestamp_ms: int) -> bool:
+def _link_to_parent(client, run, parent_run_id: str) -> None:
+    """Make an evaluation published before its training run was in MLflow (spooled) its child."""
+    if "mlflow.parentRunId" not in run.data.tags:
+        store.log_batch(client, run.info.run_id, tags=store.tag_list(
+            {"mlflow.parentRunId": parent_run_id, "lmeval.training_run_id": parent_run_id}))
+
+
+def _log_points_once(client, run_id: str, step: int, metrics: Mapping[str, float], timestamp_ms: int) -> bool:
+    """Log ``metrics`` at ``step`` with the evaluation's fixed timestamp, unless they are there already.
+
+    One batch per evaluation, so the first key's history tells whether it went in; MLflow's store
+    would also drop an identical point, but this spares sending it. False if nothing was logged.
+    """
     from mlflow.entities import Metric
 
     items = sorted((key, float(value)) for key, value in metrics.items())
@@ -174,14 +195,24 @@ def _log_live_points(client, run_id: str, step: int, metrics: Mapping[str, float
     return True
 
 
+def _training_run_id(client, uri: str, reference: str) -> str:
+    """The id of the training run a live evaluation names; a spooled one must have been synced."""
+    if not reference.startswith(store.SPOOLED_PREFIX):
+        return reference
+    run = store.get_run_or_none(client, reference)
+    if run is None:
+        raise UserError(f"training run {reference} is not in {redact_uri(uri)} yet: sync its training spool first")
+    return run.info.run_id
+
+
 def log_live_metrics(run_id: str, step: int, metrics: Mapping[str, float], timestamp_ms: int,
                      tracking_uri: str | None = None) -> bool:
     """Log metrics into an existing run at ``step``; False if that exact point is already there.
 
-    A fixed timestamp makes a repeat a no-op in MLflow's store, and the check below keeps us from
-    even sending one. Raises MLflow's own errors: callers decide what a failure means.
+    A fixed timestamp makes a repeat a no-op in MLflow's store, and the check keeps us from even
+    sending one. Raises MLflow's own errors: callers decide what a failure means.
     """
-    return _log_live_points(store.client(resolve_tracking_uri(tracking_uri)), run_id, step, metrics, timestamp_ms)
+    return _log_points_once(store.client(resolve_tracking_uri(tracking_uri)), run_id, step, metrics, timestamp_ms)
 
 
 def publish_results(
@@ -201,8 +232,10 @@ def publish_results(
     left by an interrupted publish is completed. Metrics go in at the checkpoint's step, also on
     the checkpoint's LoggedModel with each task as dataset.
 
-    A live evaluation spooled by ``LMEvalCallback`` (``"live"`` in results.json) goes back into its
-    training run at its step instead.
+    The metrics also go on the training run at the checkpoint's step (``lmeval/<task>/<metric>``),
+    once, with the evaluation's timestamp: a run published without them (an older version) gets
+    them now. A live evaluation spooled by ``LMEvalCallback`` (``"live"`` in results.json) goes only
+    into its training run at its step, as ``lmeval_live/<task>/<metric>``.
 
     ``experiment`` None means: the training run's experiment, else ``MLFLOW_EXPERIMENT_NAME``,
     else ``mlflow_lmeval``. Raises TrackingUnavailable (exit 3) when the server is unreachable or
@@ -214,8 +247,10 @@ def publish_results(
     with store.connected(uri, f"publishing {results_dir}", max_retries, timeout) as client:
         target = live_target(results)
         if target is not None:
-            run_id, step = target
-            created = _log_live_points(client, run_id, step, flatten_metrics(results), evaluation_timestamp_ms(results))
+            reference, step = target
+            run_id = _training_run_id(client, uri, reference)
+            created = _log_points_once(client, run_id, step, flatten_metrics(results, LIVE_PREFIX),
+                                       evaluation_timestamp_ms(results))
             return PublishOutcome(run_id, created, None, str(results_dir))
         with store.locked(uri):
             return _publish_evaluation(client, uri, results_dir, results, experiment, training_run_id)
@@ -224,10 +259,19 @@ def publish_results(
 def sync(results_dirs: Iterable[str | os.PathLike], **kwargs) -> list[PublishOutcome]:
     """Publish every results dir (or tree of them) that MLflow lacks; a second run writes nothing.
 
-    ``kwargs`` go to ``publish_results``. Stops at the first TrackingUnavailable (no point hammering
-    a dead server); other bad dirs are reported together after the rest are published.
+    Training spools among them (a ``TrainingRun`` during an outage) go first, so the evaluations
+    find their training run. ``kwargs`` go to ``publish_results``. Returns the evaluations'
+    outcomes. Stops at the first TrackingUnavailable (no point hammering a dead server); other bad
+    dirs are reported together after the rest are published.
     """
+    results_dirs = list(results_dirs)
     outcomes, failures = [], []
+    limits = {name: kwargs.get(name) for name in ("tracking_uri", "max_retries", "timeout")}
+    for spool in find_training_spools(results_dirs):
+        try:
+            publish_training_spool(spool, **limits)
+        except UserError as error:
+            failures.append(f"{spool}: {error}")
     for directory in find_results_dirs(results_dirs):
         try:
             outcomes.append(publish_results(directory, **kwargs))

@@ -26,6 +26,12 @@ DEFAULT_MAX_RETRIES = 2  # with backoff factor 1: a dead server costs ~2-3 s per
 DEFAULT_TIMEOUT_S = 10
 _MAX_TAG_VALUE = 8000
 _BATCH_METRICS, _BATCH_PARAMS_TAGS = 1000, 100  # MLflow's per-request batch limits
+# MLflow 3.17's UI opens an experiment of this kind in its machine-learning view, not the GenAI one.
+TAG_EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+# A training run MLflow does not hold yet is referred to as ``spooled:<identity>`` (in checkpoints'
+# metadata and live spool entries); ``sync`` creates it with this tag, so the reference finds it.
+TAG_TRAINING_IDENTITY = "lmeval.training_identity"
+SPOOLED_PREFIX = "spooled:"
 _HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER")
 
@@ -92,7 +98,7 @@ def experiment_name(experiment: str | None) -> str:
 
 
 def ensure_experiment(mlflow_client, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created if missing.
+    """The id of experiment ``name``, created if missing, marked as model development.
 
     With a SQLite store, artifacts go beside the database (``mlartifacts/``) rather than into
     ``./mlruns`` of whatever directory the process started in.
@@ -103,13 +109,16 @@ def ensure_experiment(mlflow_client, name: str, uri: str) -> str:
         if (database := sqlite_file(uri)) is not None:
             location = (database.parent / "mlartifacts" / key_part(name).replace(" ", "_")).as_uri()
         try:
-            return mlflow_client.create_experiment(name, artifact_location=location)
+            return mlflow_client.create_experiment(name, artifact_location=location,
+                                                   tags={TAG_EXPERIMENT_KIND: MODEL_DEVELOPMENT})
         except Exception:  # noqa: BLE001 - another process may have created it meanwhile
             experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
                 raise
     if experiment.lifecycle_stage != "active":
         raise TrackingError(f"experiment {name!r} is deleted; restore it in MLflow or pick another --experiment")
+    if not (experiment.tags or {}).get(TAG_EXPERIMENT_KIND):  # a kind the user chose stays
+        mlflow_client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, MODEL_DEVELOPMENT)
     return experiment.experiment_id
 
 
@@ -129,9 +138,20 @@ def active_experiment_ids(mlflow_client) -> list[str]:
 
 
 def get_run_or_none(mlflow_client, run_id: str):
-    """The run, or None when this store does not know it (a checkpoint from another server)."""
+    """The run, or None when this store does not know it (a checkpoint from another server).
+
+    ``run_id`` may also be a ``spooled:<identity>`` reference: the run ``sync`` made of that
+    training spool, None before it has.
+    """
     from mlflow.exceptions import MlflowException
 
+    if run_id.startswith(SPOOLED_PREFIX):
+        identity = run_id[len(SPOOLED_PREFIX):]
+        experiment_ids = active_experiment_ids(mlflow_client)
+        runs = mlflow_client.search_runs(
+            experiment_ids, filter_string=f"tags.`{TAG_TRAINING_IDENTITY}` = '{key_part(identity)}'",
+            order_by=["attributes.start_time ASC"], max_results=1) if experiment_ids else []
+        return runs[0] if runs else None
     try:
         return mlflow_client.get_run(run_id)
     except MlflowException as error:
