@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 import mlflow_lmeval
+from mlflow_lmeval.models import xlstm
 
 from . import common
+from .hf_protocol import PROTOCOL, ResponseRecorder, metrics_of, requests_digest, weights_digest
 
 PRESETS = {
     # transformers xLSTMConfig fields; tiny and small keep the sizes B7 compared before (the mLSTM
@@ -60,60 +62,8 @@ VOCAB_SIZE = common.VOCAB_SIZE
 SEED = 0
 HF_VENV = common.REPO / ".venv-hf"
 INSTALL = "python3 -m venv .venv-hf && .venv-hf/bin/pip install -e '.[bench-hf]'"
-PROTOCOL = "B7JSON "  # prefix of the child's answer lines; lm-eval and transformers print too
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ACCURACY_METRICS = ("acc,none", "acc_norm,none")
-
-
-# ---- shared with the child (stdlib and numpy only: the child imports this module) ----------
-def _sha256_files(files) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return "sha256:" + digest.hexdigest()
-
-
-def weights_digest(directory: Path) -> dict:
-    """Digests of the safetensors files and of the tokenizer files in a save_pretrained directory."""
-    directory = Path(directory)
-    return {
-        "safetensors": _sha256_files(sorted(directory.glob("*.safetensors"))),
-        "tokenizer": _sha256_files([directory / "tokenizer.json", directory / "tokenizer_config.json"]),
-    }
-
-
-def requests_digest(pairs) -> str:
-    """sha256 of the sorted (context tokens, continuation tokens) pairs a model was asked to score."""
-    rows = sorted(json.dumps([[int(t) for t in context], [int(t) for t in continuation]]) for context, continuation in pairs)
-    return "sha256:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
-
-
-def metrics_of(output: dict) -> dict:
-    return {task: {k: v for k, v in row.items() if not k.endswith("_stderr,none") and k != "alias"}
-            for task, row in output["results"].items()}
-
-
-class ResponseRecorder:
-    """Wraps an lm-eval LM's ``loglikelihood`` and ``loglikelihood_rolling`` (instance attributes,
-    which lm-eval's evaluator calls): every request's [loglik, is_greedy or None] by its arguments."""
-
-    def __init__(self, lm):
-        self.reset()
-        for name in ("loglikelihood", "loglikelihood_rolling"):
-            setattr(lm, name, self._wrap(name, getattr(lm, name)))
-
-    def reset(self) -> None:
-        self.responses: dict[str, list] = {}
-
-    def _wrap(self, name, method):
-        def recorded(requests, *args, **kwargs):
-            results = method(requests, *args, **kwargs)
-            for request, result in zip(requests, results):
-                pair = isinstance(result, (tuple, list))
-                self.responses[json.dumps([name, *request.args])] = (
-                    [float(result[0]), bool(result[1])] if pair else [float(result), None])
-            return results
-        return recorded
 
 
 # ---- parent side (the runner's interpreter, JAX) -------------------------------------------
@@ -187,10 +137,6 @@ class Child:
 def params_digest(checkpoint) -> str:
     """The child's ``loaded_params_digest`` computed over our parameter tree: transformers' names,
     sorted, each with its float32 bytes in torch's layout (which our tree keeps)."""
-    # xlstm (JAX, Flax) imported lazily: the hf child imports this module and need not pay the
-    # 3.1-3.5 s its import took on this machine.
-    from mlflow_lmeval.models import xlstm
-
     digest = hashlib.sha256()
     for name in sorted(xlstm.hf_parameter_shapes(checkpoint.model_config)):
         value = checkpoint.model.params
@@ -219,6 +165,7 @@ class OurSide:
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "engine_seconds": self.engine_calls.seconds,
                 "scored_tokens": self.engine_calls.scored_tokens(), "metrics": metrics_of(output),
+                "seconds_by_request_type": dict(self.responses.seconds),
                 "requests_digest": requests_digest(self.engine_calls.requests)}
 
 
@@ -239,17 +186,20 @@ def compare_responses(ours: dict, theirs: dict) -> dict:
 def compare_metrics(ours: dict, theirs: dict, rel_tolerance: float) -> dict:
     """Task metrics side by side; they agree when every accuracy is equal and every other metric
     is within ``rel_tolerance``."""
-    rows, agree = {}, True
+    rows, accuracies_equal, worst = {}, True, 0.0
     for task, row in theirs.items():
         for key in sorted(row.keys() & ours.get(task, {}).keys()):
             a, b = ours[task][key], row[key]
-            if not isinstance(b, (int, float)):
+            if not isinstance(b, (int, float)) or key == "sample_len":
                 continue
-            same = a == b if key in ACCURACY_METRICS else abs(a - b) <= rel_tolerance * max(abs(b), 1e-12)
-            agree &= bool(same)
+            if key in ACCURACY_METRICS:
+                accuracies_equal &= a == b
+            else:
+                worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
             rows[f"{task}/{key}"] = [a, b]
-    return {"agree": agree, "rule": f"accuracies equal, other metrics within {rel_tolerance:g} relative",
-            "values": rows}
+    return {"agree": bool(accuracies_equal and worst <= rel_tolerance), "accuracies_equal": bool(accuracies_equal),
+            "max_rel_diff_other_metrics": worst,
+            "rule": f"accuracies equal, other metrics within {rel_tolerance:g} relative", "values": rows}
 
 
 def _interleaved_repeats(sides: dict, mode: str, preset: str, done: dict) -> tuple[dict, dict]:
@@ -391,6 +341,8 @@ def summarize(preset, mode, tasks, built, loaded, ours_digests, runs, loads, loa
             "ours": {"engine_s": median_of("ours", "engine_seconds"),
                      "outside_engine_s": common.median([r["seconds"] - r["engine_seconds"] for r in runs["ours"]]),
                      "engine_settings": engine_settings, **padding},
+            "ours_by_request_type_s": _median_by_type(runs["ours"]),
+            "hf_by_request_type_s": _median_by_type(runs["hf"]),
             "ours_bf16": {"engine_s": median_of("ours_bf16", "engine_seconds")},
             "hf": {"inside_loglikelihood_tokens_s": median_of("hf", "model_seconds"),
                    "forward_s": median_of("hf", "forward_seconds"),
@@ -404,6 +356,12 @@ def summarize(preset, mode, tasks, built, loaded, ours_digests, runs, loads, loa
         "torch_threads": built["torch_threads"],
         "load_average": {"start": load_at_start, "after_each_repeat": loads, "end": list(os.getloadavg())},
     }
+
+
+def _median_by_type(runs: list[dict]) -> dict:
+    """Median seconds inside each lm-eval method (tokenizing and scoring one request type)."""
+    return {name: common.median([r["seconds_by_request_type"][name] for r in runs])
+            for name in runs[0]["seconds_by_request_type"]}
 
 
 def run(work: Path, quick: bool, presets=tuple(PRESETS)) -> dict:

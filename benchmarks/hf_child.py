@@ -32,7 +32,7 @@ from lm_eval.tasks import TaskManager
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, xLSTMConfig, xLSTMForCausalLM
 
-from .hf_backend import PROTOCOL, ResponseRecorder, metrics_of, requests_digest, weights_digest
+from .hf_protocol import PROTOCOL, ResponseRecorder, metrics_of, requests_digest, weights_digest
 
 # ids 0 and 1, as in the GPT-NeoX vocabulary; neither string occurs in the benchmark's text
 # (WikiText's "<unk>" stays plain text, split into byte-level pieces).
@@ -163,6 +163,7 @@ class Instrumented:
             "model_calls": len(self.shapes),
             "model_padded_tokens": sum(b * t for b, t in self.shapes),
             "requests_digest": requests_digest(self.pairs),
+            "seconds_by_request_type": dict(self.responses.seconds),
         }
 
 
