@@ -1,29 +1,27 @@
-"""B7: the alternative users would pick, lm-eval's own ``hf`` backend on transformers' xLSTM.
+"""B7: lm-eval's own ``hf`` backend on transformers' xLSTM against our evaluator on our JAX xLSTM,
+with the same weights and the same tokenizer.
 
-The same three B1 tasks (WikiText-2 articles as ``loglikelihood_rolling``, the Tiny Shakespeare
-last-word task and the 4-choice next-line task) are evaluated twice per repeat, interleaved:
+Per preset, one checkpoint is built once by the hf side (``benchmarks/hf_child.py``, in the
+``bench-hf`` interpreter): a random float32 ``xLSTMForCausalLM`` and a byte-level BPE tokenizer
+trained on the benchmark's own text, written with ``save_pretrained``. Both sides load that
+directory: lm-eval's ``HFLM`` (``pretrained=DIR,tokenizer=DIR,dtype=float32,device=cpu,max_length=N``,
+batch size 8) and ``mlflow_lmeval.load(DIR)`` (our Flax port of the model, the tokenizer.json
+through ``HFTokenizer``), in float32 and in bfloat16. ``same_weights`` compares digests of the
+safetensors files each side read and of the float32 parameters each side holds in memory.
 
-- ``ours``: ``JaxLM`` with the package's ``Engine`` on the mLSTM preset, as in B1;
-- ``hf``: ``lm_eval.simple_evaluate`` on an ``HFLM`` made by lm-eval's ``hf`` model from the
-  string ``pretrained=DIR,tokenizer=DIR,dtype=float32,device=cpu,max_length=N``, where ``DIR``
-  holds a transformers ``xLSTMForCausalLM`` with random weights and a tokenizer built from the
-  benchmark's own SentencePiece model, both written with ``save_pretrained``.
+The tasks are B1's (WikiText-2 articles as ``loglikelihood_rolling``, the Tiny Shakespeare
+last-word task and the 4-choice next-line task) with fewer documents. ``max_length`` is the
+longest request (context + continuation - 1 tokens), so lm-eval neither truncates a context nor
+cuts an article into windows: both sides read every request whole and compute the same thing,
+which ``max_abs_loglik_diff`` over every request checks.
 
-The xLSTM keeps the preset's width, depth and head count; transformers' xLSTM block (the
-xLSTM-7B layout) adds a gated feed-forward network that ours lacks, and its width is the free
-parameter chosen so that the total parameter count is the closest to ours. ``max_length`` is the
-longest request of the tasks (context + continuation - 1 tokens), so lm-eval neither truncates a
-context nor cuts a WikiText article into windows: both sides read every request whole, as our
-recurrent engine does (it has no context limit).
-
-torch lives in its own virtual environment (the ``bench-hf`` extra), so the hf side runs in a
-child process driven line by line over stdin/stdout: it builds the model once, then evaluates
-when told, while this process waits (and the reverse), so the two never share the CPU.
+The hf side is a child process driven line by line over stdin/stdout; while one side runs the
+other waits, so they never share the CPU. Repeats interleave ours (float32), ours (bfloat16), hf.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -31,28 +29,41 @@ import sys
 import time
 from pathlib import Path
 
-from . import common
+import numpy as np
 
-SIZES = {
-    # preset: (wiki articles, shortest first; lastword docs; choice docs)
-    # B1's mix of the three tasks with fewer documents: the hf side runs a few hundred to a few
-    # thousand tokens/s on 2 CPU cores, and quick keeps the whole --quick run under 10 minutes.
-    "quick": {"tiny": (2, 50, 12), "small": (2, 25, 6)},
-    "full": {"tiny": (12, 400, 100), "small": (6, 100, 25)},
+import mlflow_lmeval
+from mlflow_lmeval.models import xlstm
+
+from . import common
+from .hf_protocol import PROTOCOL, ResponseRecorder, metrics_of, requests_digest, weights_digest
+
+PRESETS = {
+    # transformers xLSTMConfig fields; tiny and small keep the sizes B7 compared before (the mLSTM
+    # presets' width, depth and heads with the feed-forward width that matched their parameter count).
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, ffn_proj_factor=5.0),  # 0.68 M
+    "small": dict(hidden_size=256, num_hidden_layers=6, num_heads=4, ffn_proj_factor=4.75),  # 9.3 M
+    "100m": dict(hidden_size=768, num_hidden_layers=13, num_heads=8),  # 98.5 M, the 7B's proportions
 }
-# More quick repeats than B1's 3: on a loaded 2-core machine torch's two OpenMP threads are
-# preempted and single hf runs vary by several times; a repeat costs seconds here.
+SIZES = {
+    # preset: (wiki articles, shortest first; lastword docs; choice docs). The hf side runs a few
+    # hundred to a few thousand tokens/s on 2 CPU cores; quick keeps B7 within a few minutes.
+    "quick": {"tiny": (2, 50, 12), "small": (2, 25, 6), "100m": (1, 12, 4)},
+    "full": {"tiny": (12, 400, 100), "small": (6, 100, 25), "100m": (4, 100, 25)},
+}
+# On a loaded 2-core machine torch's two OpenMP threads are preempted and single hf runs vary by
+# several times, hence 5 repeats; past MIN_REPEATS no repeat starts once a preset's repeats have
+# taken REPEAT_BUDGET_S seconds (None: no limit), so a loaded machine cannot stretch --quick.
 REPEATS = {"quick": 5, "full": 5}
-# Past MIN_REPEATS, no new repeat starts once the repeats of a preset have taken this many seconds
-# (None: no limit), so that a loaded machine cannot stretch --quick without bound.
 MIN_REPEATS = 3
 REPEAT_BUDGET_S = {"quick": 60, "full": None}
-BATCH_SIZE = 8  # as B1
-CHUNK_SIZE = 64  # as B1; also the xLSTM's kernel chunk
+BATCH_SIZE = 8  # as B1, both sides
+CHUNK_SIZE = 64  # as B1; also the xLSTM's chunk (config.json's chunk_size, our segment length)
+VOCAB_SIZE = common.VOCAB_SIZE
+SEED = 0
 HF_VENV = common.REPO / ".venv-hf"
 INSTALL = "python3 -m venv .venv-hf && .venv-hf/bin/pip install -e '.[bench-hf]'"
-PROTOCOL = "B7JSON "  # prefix of the child's answer lines; lm-eval and transformers print too
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ACCURACY_METRICS = ("acc,none", "acc_norm,none")
 
 
 # ---- parent side (the runner's interpreter, JAX) -------------------------------------------
@@ -81,15 +92,15 @@ def find_interpreter() -> tuple[str | None, dict]:
 
 
 class Child:
-    """The hf side: ``python -m benchmarks.hf_backend --serve CONFIG`` answering one JSON line per command."""
+    """The hf side: ``python -m benchmarks.hf_child --serve SETTINGS`` answering one JSON line per command."""
 
-    def __init__(self, python: str, config: dict, log_path: Path):
-        config_path = log_path.with_suffix(".json")
-        config_path.write_text(json.dumps(config), encoding="utf-8")
+    def __init__(self, python: str, settings: dict, log_path: Path):
+        settings_path = log_path.with_suffix(".json")
+        settings_path.write_text(json.dumps(settings), encoding="utf-8")
         self.log_path = log_path
         self._log = open(log_path, "w", encoding="utf-8")
         self.process = subprocess.Popen(
-            [python, "-m", "benchmarks.hf_backend", "--serve", str(config_path)],
+            [python, "-m", "benchmarks.hf_child", "--serve", str(settings_path)],
             cwd=common.REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
             env={**os.environ, **OFFLINE},
         )
@@ -123,146 +134,237 @@ class Child:
         self._log.close()
 
 
-def _metrics(output: dict) -> dict:
-    return {task: {k: v for k, v in row.items() if not k.endswith("_stderr,none") and k != "alias"}
-            for task, row in output["results"].items()}
+def params_digest(checkpoint) -> str:
+    """The child's ``loaded_params_digest`` computed over our parameter tree: transformers' names,
+    sorted, each with its float32 bytes in torch's layout (which our tree keeps)."""
+    digest = hashlib.sha256()
+    for name in sorted(xlstm.hf_parameter_shapes(checkpoint.model_config)):
+        value = checkpoint.model.params
+        for key in xlstm.param_path(name):
+            value = value[key]
+        digest.update(name.encode() + b"\0" + np.asarray(value, np.float32).tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
-def run_preset(preset: str, python: str, tokenizer, tokenizer_path: Path, work: Path, quick: bool) -> dict:
-    from mlflow_lmeval.models import mlstm
+class OurSide:
+    """Our evaluator on a loaded checkpoint. The package's engine API is used here only (and in
+    ``common``), so that its renames touch one place."""
 
+    def __init__(self, checkpoint):
+        settings, self.engine_settings = common.engine_settings(
+            batch_size=BATCH_SIZE, chunk_size=CHUNK_SIZE, share_prefixes=True)
+        self.lm = common.make_lm(checkpoint.model, checkpoint.tokenizer, settings)
+        self.engine_calls = common.ScoreRecorder(self.lm.engine)
+        self.responses = ResponseRecorder(self.lm)
+
+    def run(self, config) -> dict:
+        self.engine_calls.reset()
+        self.responses.reset()
+        start = time.perf_counter()
+        output = common.evaluate_lm(self.lm, config)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "engine_seconds": self.engine_calls.seconds,
+                "scored_tokens": self.engine_calls.scored_tokens(), "metrics": metrics_of(output),
+                "seconds_by_request_type": dict(self.responses.seconds),
+                "requests_digest": requests_digest(self.engine_calls.requests)}
+
+
+def compare_responses(ours: dict, theirs: dict) -> dict:
+    """Per-request agreement of two {request: [loglik, is_greedy]} maps."""
+    keys = sorted(ours.keys() & theirs.keys())
+    diffs = np.array([abs(ours[k][0] - theirs[k][0]) for k in keys])
+    scale = np.array([max(1.0, abs(theirs[k][0])) for k in keys])
+    return {
+        "requests": len(keys),
+        "unmatched_requests": len(ours.keys() ^ theirs.keys()),
+        "max_abs_loglik_diff": float(diffs.max()) if keys else None,
+        "max_rel_loglik_diff": float((diffs / scale).max()) if keys else None,
+        "greedy_mismatches": sum(ours[k][1] != theirs[k][1] for k in keys),
+    }
+
+
+def compare_metrics(ours: dict, theirs: dict, rel_tolerance: float) -> dict:
+    """Task metrics side by side; they agree when every accuracy is equal and every other metric
+    is within ``rel_tolerance``."""
+    rows, accuracies_equal, worst = {}, True, 0.0
+    for task, row in theirs.items():
+        for key in sorted(row.keys() & ours.get(task, {}).keys()):
+            a, b = ours[task][key], row[key]
+            if not isinstance(b, (int, float)) or key == "sample_len":
+                continue
+            if key in ACCURACY_METRICS:
+                accuracies_equal &= a == b
+            else:
+                worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
+            rows[f"{task}/{key}"] = [a, b]
+    return {"agree": bool(accuracies_equal and worst <= rel_tolerance), "accuracies_equal": bool(accuracies_equal),
+            "max_rel_diff_other_metrics": worst,
+            "rule": f"accuracies equal, other metrics within {rel_tolerance:g} relative", "values": rows}
+
+
+def _interleaved_repeats(sides: dict, mode: str, preset: str, done: dict) -> tuple[dict, dict]:
+    """Runs each side once per repeat, in the order of ``sides``; the first repeat records responses and
+    takes the runs in ``done`` as already made. Returns (runs by side, load averages by repeat)."""
+    runs, loads = {name: [] for name in sides}, []
+    start = time.perf_counter()
+    for repeat in range(REPEATS[mode]):
+        budget = REPEAT_BUDGET_S[mode]
+        if repeat >= MIN_REPEATS and budget is not None and time.perf_counter() - start > budget:
+            common.log(f"B7 {preset}: {repeat} repeats took over {budget} s; stopping there")
+            break
+        for name, side in sides.items():
+            if repeat == 0 and name in done:
+                runs[name].append(done[name])
+                continue
+            common.log(f"B7 {preset}: repeat {repeat + 1}/{REPEATS[mode]}, {name}")
+            runs[name].append(side(repeat == 0))
+        loads.append(list(os.getloadavg()))
+    return runs, loads
+
+
+def run_preset(preset: str, python: str, work: Path, quick: bool) -> dict:
     mode = "quick" if quick else "full"
-    repeats = REPEATS[mode]
     load_at_start = list(os.getloadavg())
     directory = work / f"b7_{preset}"
+    model_dir = directory / "checkpoint"
     directory.mkdir(parents=True, exist_ok=True)
     tasks = common.write_mixed_tasks(directory, f"b7_{preset}", SIZES[mode][preset])
     config = common.eval_config(tasks, directory)
-    model, num_params = common.reference_model(preset)
-    settings, applied = common.engine_settings(batch_size=BATCH_SIZE, chunk_size=CHUNK_SIZE, share_prefixes=True)
-    lm = common.make_lm(model, tokenizer, settings)
-    recorder = common.ScoreRecorder(lm.engine)
-
-    common.log(f"B7 {preset}: warm-up of ours (compiles the engine's step)")
-    start = time.perf_counter()
-    common.evaluate_lm(lm, common.eval_config(tasks, directory, limit_requests=1))
-    ours_warmup = time.perf_counter() - start
-
-    def ours_run():
-        recorder.reset()
-        start = time.perf_counter()
-        output = common.evaluate_lm(lm, config)
-        return time.perf_counter() - start, output
-
-    times = {"ours": [], "hf": []}
-    hf_inside = []
-    common.log(f"B7 {preset}: repeat 1/{repeats}, ours")
-    seconds, ours_output = ours_run()
-    times["ours"].append(seconds)
-    requests = recorder.requests
-    scored = recorder.scored_tokens()
-    # Inputs of the longest request read whole: lm-eval's hf backend feeds (context + continuation)[-(max_length + 1):][:-1].
-    max_length = max(len(c) + len(x) - 1 for c, x in requests)
-
-    dims = mlstm.PRESETS[preset]
-    child_config = {
-        "preset": preset,
-        "tokenizer_model": str(tokenizer_path),
-        "model_dir": str(directory / "hf_model"),
-        "include_path": str(directory),
-        "tasks": tasks,
-        "vocab_size": tokenizer.vocab_size,
-        "hidden_size": dims["embed_dim"],
-        "num_layers": dims["num_layers"],
-        "num_heads": dims["num_heads"],
-        "target_params": num_params,
-        "chunk_size": CHUNK_SIZE,
-        "max_length": max_length,
-        "batch_size": BATCH_SIZE,
+    child_settings = {
+        "model_dir": str(model_dir), "tokenizer_dir": str(work / "b7_tokenizer"),
+        "corpus": [str(common.SHAKESPEARE), str(common.WIKITEXT)], "vocab_size": VOCAB_SIZE,
+        "xlstm": PRESETS[preset], "chunk_size": CHUNK_SIZE, "seed": SEED,
+        "include_path": str(directory), "tasks": tasks, "batch_size": BATCH_SIZE,
     }
-    common.log(f"B7 {preset}: starting the hf child ({python}), max_length={max_length}")
+    common.log(f"B7 {preset}: the hf child ({python}) builds the checkpoint")
     start = time.perf_counter()
-    child = Child(python, child_config, directory / "hf_child.log")
-    child_start = time.perf_counter() - start
+    child = Child(python, child_settings, directory / "hf_child.log")
+    child_start_s = time.perf_counter() - start
+    built = child.ready
     try:
-        common.log(f"B7 {preset}: warm-up of hf")
-        warm = child.ask("warm")
-        loop_start = time.perf_counter()
-        for repeat in range(repeats):
-            budget = REPEAT_BUDGET_S[mode]
-            if repeat >= MIN_REPEATS and budget is not None and time.perf_counter() - loop_start > budget:
-                common.log(f"B7 {preset}: {repeat} repeats took over {budget} s; stopping there")
-                break
-            if repeat:
-                common.log(f"B7 {preset}: repeat {repeat + 1}/{repeats}, ours")
-                seconds, _ = ours_run()
-                times["ours"].append(seconds)
-            common.log(f"B7 {preset}: repeat {repeat + 1}/{repeats}, hf")
-            answer = child.ask("run")
-            times["hf"].append(answer["seconds"])
-            hf_inside.append(answer["model_seconds"])
-            if repeat == 0:
-                hf_first = answer
+        ours, load_s, warmup_s = {}, {}, {}
+        for name, dtype in (("ours", "float32"), ("ours_bf16", "bfloat16")):
+            start = time.perf_counter()
+            checkpoint = mlflow_lmeval.load(model_dir, dtype=dtype)
+            load_s[name] = time.perf_counter() - start
+            if dtype == "float32":
+                ours_digests = {**weights_digest(model_dir), "loaded_params": params_digest(checkpoint)}
+            ours[name] = OurSide(checkpoint)
+            common.log(f"B7 {preset}: warm-up of {name} (compiles the engine's step)")
+            start = time.perf_counter()
+            ours[name].run(common.eval_config(tasks, directory, limit_requests=1))
+            warmup_s[name] = time.perf_counter() - start
+        def our_run(name):
+            def run(record):
+                result = ours[name].run(config)
+                return {**result, "responses": dict(ours[name].responses.responses)} if record else result
+            return run
+
+        # Ours runs first in repeat 1: its requests give max_length before HFLM is made.
+        common.log(f"B7 {preset}: repeat 1/{REPEATS[mode]}, ours")
+        with common.timed_batches() as batches:
+            first_ours = our_run("ours")(True)
+        requests = ours["ours"].engine_calls.requests
+        padding = {"real_tokens": batches.real_tokens, "padded_tokens": batches.padded_tokens,
+                   "batches": batches.batches, "model_tokens": common.model_tokens(ours["ours"].lm.engine)}
+        max_length = max(len(c) + len(x) - 1 for c, x in requests)
+        common.log(f"B7 {preset}: HFLM with max_length={max_length}, then its warm-up")
+        loaded = child.ask(f"load {max_length}")
+        hf_warmup_s = child.ask("warm")["seconds"]
+        sides = {"ours": our_run("ours"), "ours_bf16": our_run("ours_bf16"),
+                 "hf": lambda record: child.ask("run record" if record else "run")}
+        runs, loads = _interleaved_repeats(sides, mode, preset, {"ours": first_ours})
     finally:
         child.close()
+    return summarize(preset, mode, tasks, built, loaded, ours_digests, runs, loads, load_at_start, {
+        "child_start_and_build_s": child_start_s, "ours_load_s": load_s, "ours_warmup_s": warmup_s,
+        "hf_load_s": loaded["load_s"], "hf_warmup_s": hf_warmup_s,
+    }, max_length, padding, ours["ours"].engine_settings)
 
-    med = {name: common.median(values) for name, values in times.items()}
-    hf_scored = hf_first["scored_tokens"]
-    ours_rate, hf_rate = scored / med["ours"], hf_scored / med["hf"]
-    ready = child.ready
-    per_repeat = [(scored / o) / (hf_scored / h) for o, h in zip(times["ours"], times["hf"])]
+
+def summarize(preset, mode, tasks, built, loaded, ours_digests, runs, loads, load_at_start, setup, max_length,
+              padding, engine_settings) -> dict:
+    first = {name: values[0] for name, values in runs.items()}
+    seconds = {name: [r["seconds"] for r in values] for name, values in runs.items()}
+    med = {name: common.median(values) for name, values in seconds.items()}
+    scored = {name: first[name]["scored_tokens"] for name in runs}
+    rate = {name: scored[name] / med[name] for name in runs}
+    hf_digests = {**loaded["weights_digest"], "loaded_params": loaded["loaded_params_digest"]}
+    same_weights = (built["weights_digest"]["safetensors"] == hf_digests["safetensors"] == ours_digests["safetensors"]
+                    and hf_digests["loaded_params"] == ours_digests["loaded_params"])
+    same_tokenizer = (built["weights_digest"]["tokenizer"] == hf_digests["tokenizer"] == ours_digests["tokenizer"]
+                      and first["hf"]["requests_digest"] == first["ours"]["requests_digest"])
+    hf_vs_ours = compare_responses(first["ours"]["responses"], first["hf"]["responses"])
+    bf16_vs_f32 = compare_responses(first["ours_bf16"]["responses"], first["ours"]["responses"])
+    per_repeat = [h / o for o, h in zip(seconds["ours"], seconds["hf"])]
+
+    def median_of(name, key):
+        return common.median([r[key] for r in runs[name]])
+
     return {
         "preset": preset,
         "tasks": tasks,
         "documents": dict(zip(("wiki_articles", "lastword_docs", "choice_docs"), SIZES[mode][preset])),
-        "requests": len(requests),
-        "repeats": len(times["hf"]),
-        "ours": {
-            "model": f"mLSTM preset {preset!r} (mlflow_lmeval.models.mlstm), JAX, random weights",
-            "num_params": num_params,
-            "engine_settings": applied,
-            "scored_tokens": scored,
-            "request_tokens": common.request_tokens(requests),
-            "warmup_s": ours_warmup,
-            "metrics": _metrics(ours_output),
-        },
-        "hf": {
-            "model": "transformers xLSTMForCausalLM (native torch kernels), random weights, via lm-eval's hf backend",
-            "model_args": ready["model_args"],
-            "num_params": ready["num_params"],
-            "xlstm_config": ready["xlstm_config"],
-            "param_ratio_hf_over_ours": ready["num_params"] / num_params,
-            "scored_tokens": hf_scored,
-            "model_input_tokens": hf_first["model_input_tokens"],
-            "model_padded_tokens": hf_first["model_padded_tokens"],
-            "model_calls": hf_first["model_calls"],
-            "tokenization": ready["tokenization"],
-            "torch_threads": ready["torch_threads"],
-            "build_and_load_s": ready["build_s"] + ready["load_s"],
-            "child_start_s": child_start,
-            "warmup_s": warm["seconds"],
-            "model_call_s": common.median(hf_inside),
-            "metrics": hf_first["metrics"],
-        },
+        "num_params": built["num_params"],
+        "xlstm_config": built["xlstm_config"],
+        "checkpoint": "random float32 xLSTMForCausalLM (seed %d, weights spread wider than transformers' init) and "
+        "a byte-level BPE tokenizer (%d pieces) trained on the benchmark's text, written with save_pretrained; both "
+        "sides load that one directory" % (SEED, built["tokenizer_vocab_size"]),
+        "same_weights": same_weights,
+        "same_tokenizer": same_tokenizer,
+        "digests": {"built": built["weights_digest"], "hf": hf_digests, "ours": ours_digests,
+                    "requests": {"hf": first["hf"]["requests_digest"], "ours": first["ours"]["requests_digest"]}},
+        "requests": hf_vs_ours["requests"],
+        "scored_tokens": scored,
         "max_length": max_length,
         "max_length_rule": "longest request in tokens (len(context) + len(continuation) - 1): no truncation, "
         "no rolling windows, every request read whole on both sides",
+        "max_abs_loglik_diff": hf_vs_ours["max_abs_loglik_diff"],
+        "agreement_hf_vs_ours": hf_vs_ours,
+        "metrics_hf_vs_ours": compare_metrics(first["ours"]["metrics"], first["hf"]["metrics"], 1e-4),
+        "bfloat16": {
+            "speed_ratio_over_float32": med["ours"] / med["ours_bf16"],
+            "agreement_vs_float32": bf16_vs_f32,
+            "max_abs_loglik_diff_vs_float32": bf16_vs_f32["max_abs_loglik_diff"],
+            "metrics_vs_float32": compare_metrics(first["ours_bf16"]["metrics"], first["ours"]["metrics"], 1e-2),
+        },
+        "repeats": len(seconds["hf"]),
         "seconds": med,
-        "seconds_all": times,
-        "load_average": {"start": load_at_start, "end": list(os.getloadavg())},
-        "scored_tokens_per_s": {"ours": ours_rate, "hf": hf_rate},
-        "same_scored_tokens": scored == hf_scored,
-        "speedup_vs_lm_eval_hf": ours_rate / hf_rate,
+        "seconds_all": seconds,
+        "scored_tokens_per_s": rate,
+        "speedup_vs_lm_eval_hf": rate["ours"] / rate["hf"],
         "speedup_per_repeat": per_repeat,
         "speedup_median_of_per_repeat": common.median(per_repeat),
-        # The fastest run of each side is the one least slowed by other jobs: torch's OpenMP threads
-        # lose far more than XLA's thread pool when the 2 cores are shared, so this ratio is the
-        # nearest this machine gets to an idle one.
-        "speedup_best_of_repeats": (scored / min(times["ours"])) / (hf_scored / min(times["hf"])),
+        # The fastest run of each side is the one least slowed by other jobs.
+        "speedup_best_of_repeats": (scored["ours"] / min(seconds["ours"])) / (scored["hf"] / min(seconds["hf"])),
+        "time_breakdown": {
+            "ours": {"engine_s": median_of("ours", "engine_seconds"),
+                     "outside_engine_s": common.median([r["seconds"] - r["engine_seconds"] for r in runs["ours"]]),
+                     "engine_settings": engine_settings, **padding},
+            "ours_by_request_type_s": _median_by_type(runs["ours"]),
+            "hf_by_request_type_s": _median_by_type(runs["hf"]),
+            "ours_bf16": {"engine_s": median_of("ours_bf16", "engine_seconds")},
+            "hf": {"inside_loglikelihood_tokens_s": median_of("hf", "model_seconds"),
+                   "forward_s": median_of("hf", "forward_seconds"),
+                   "outside_loglikelihood_tokens_s": common.median([r["seconds"] - r["model_seconds"] for r in runs["hf"]]),
+                   "model_input_tokens": first["hf"]["model_input_tokens"],
+                   "model_padded_tokens": first["hf"]["model_padded_tokens"], "model_calls": first["hf"]["model_calls"]},
+        },
+        "metrics": {name: first[name]["metrics"] for name in runs},
+        "setup_s": setup,
+        "hf_model_args": loaded["model_args"] + f" (batch_size={loaded['batch_size']})",
+        "torch_threads": built["torch_threads"],
+        "load_average": {"start": load_at_start, "after_each_repeat": loads, "end": list(os.getloadavg())},
     }
 
 
-def run(tokenizer, work: Path, quick: bool, presets=("tiny", "small")) -> dict:
+def _median_by_type(runs: list[dict]) -> dict:
+    """Median seconds inside each lm-eval method (tokenizing and scoring one request type)."""
+    return {name: common.median([r["seconds_by_request_type"][name] for r in runs])
+            for name in runs[0]["seconds_by_request_type"]}
+
+
+def run(work: Path, quick: bool, presets=tuple(PRESETS)) -> dict:
     python, found = find_interpreter()
     if python is None:
         return {
@@ -271,225 +373,36 @@ def run(tokenizer, work: Path, quick: bool, presets=("tiny", "small")) -> dict:
             f"needs the bench-hf extra. Install it with: {INSTALL}",
             "interpreters_tried": found,
         }
-    tokenizer_path = work / "tokenizer.model"  # where common.train_benchmark_tokenizer wrote it
-    results = {preset: run_preset(preset, python, tokenizer, tokenizer_path, work, quick) for preset in presets}
+    results = {preset: run_preset(preset, python, work, quick) for preset in presets}
     return {
         "hf_interpreter": python,
         "hf_versions": found,
         "presets": results,
         "speedup_vs_lm_eval_hf": {p: r["speedup_vs_lm_eval_hf"] for p, r in results.items()},
-        "speedup_best_of_repeats": {p: r["speedup_best_of_repeats"] for p, r in results.items()},
-        "scored_tokens_per_s": {p: r["scored_tokens_per_s"] for p, r in results.items()},
-        "num_params": {p: {"ours": r["ours"]["num_params"], "hf": r["hf"]["num_params"]} for p, r in results.items()},
+        "same_weights": {p: r["same_weights"] and r["same_tokenizer"] for p, r in results.items()},
+        "max_abs_loglik_diff": {p: r["max_abs_loglik_diff"] for p, r in results.items()},
+        "max_rel_loglik_diff": {p: r["agreement_hf_vs_ours"]["max_rel_loglik_diff"] for p, r in results.items()},
+        "bfloat16_speed_ratio_over_float32": {p: r["bfloat16"]["speed_ratio_over_float32"] for p, r in results.items()},
+        "bfloat16_max_abs_loglik_diff": {p: r["bfloat16"]["max_abs_loglik_diff_vs_float32"] for p, r in results.items()},
+        "bfloat16_metrics_agree": {p: r["bfloat16"]["metrics_vs_float32"]["agree"] for p, r in results.items()},
+        "num_params": {p: r["num_params"] for p, r in results.items()},
         "targets": {"speedup_vs_lm_eval_hf": ">= 2"},
         "definitions": {
-            "scored_tokens_per_s": "scored tokens (continuations; every token of a rolling document) / median wall "
-            "seconds of the whole lm-eval evaluation (simple_evaluate on a built LM, bootstrap_iters=0, "
-            "cache_requests=False); the hf side counts its own scored tokens",
-            "speedup_vs_lm_eval_hf": "ours scored tokens/s / hf scored tokens/s, each over the median seconds of "
-            "the interleaved repeats; speedup_median_of_per_repeat pairs each repeat's two runs instead; "
-            "speedup_best_of_repeats takes each side's fastest run",
-            "model_call_s": "seconds inside HFLM._loglikelihood_tokens (batching, padding and the forward passes)",
+            "speedup_vs_lm_eval_hf": "ours (float32) scored tokens/s / hf scored tokens/s, each over the median wall "
+            "seconds of the interleaved repeats of a whole lm-eval evaluation (simple_evaluate on a built LM, "
+            "bootstrap_iters=0, cache_requests=False, task manager included); speedup_median_of_per_repeat pairs "
+            "each repeat's two runs instead; speedup_best_of_repeats takes each side's fastest run",
+            "same_weights": "sha256 of the safetensors files equal as built, as read by HFLM and by our loader, and "
+            "sha256 of every parameter in memory (transformers' names, float32 bytes) equal on both sides; "
+            "same_tokenizer: tokenizer files equal and the (context, continuation) token pairs scored equal",
+            "max_abs_loglik_diff": "over every distinct request of the three tasks: |ours float32 - hf| of the "
+            "log-likelihood lm-eval receives (a rolling document's whole sum); max_rel divides by max(1, |hf|)",
+            "bfloat16": "ours with the weights loaded in bfloat16 (mlflow_lmeval.load(DIR, dtype='bfloat16'); state "
+            "and log-likelihood sums stay float32) against ours in float32; speed_ratio_over_float32 = median "
+            "float32 seconds / median bfloat16 seconds",
+            "time_breakdown": "medians over repeats: ours' seconds inside Engine.score and outside it (lm-eval "
+            "building requests, tokenizing, metrics); hf's seconds inside HFLM._loglikelihood_tokens (batching, "
+            "padding, forward) and inside _model_call (the forward alone); padded_tokens/model_padded_tokens "
+            "count every [batch, length] cell the model ran",
         },
     }
-
-
-# ---- child side (the .venv-hf interpreter, torch) -------------------------------------------
-def _emit(payload: dict) -> None:
-    sys.stdout.write(PROTOCOL + json.dumps(payload) + "\n")
-    sys.stdout.flush()
-
-
-def build_tokenizer(model_file: str, directory: Path):
-    """A fast tokenizer that segments as the SentencePiece model does: its unigram pieces and
-    scores, its whitespace handling (a dummy prefix, spaces as ``▁``, no normalisation) and byte
-    fallback. No BOS is added, as our ``JaxLM.tok_encode`` adds none."""
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, normalizers
-    from tokenizers.models import Unigram
-    from transformers import PreTrainedTokenizerFast
-
-    sp = spm.SentencePieceProcessor(model_file=model_file)
-    ids = range(sp.get_piece_size())
-    special_ids = {i for i in ids if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)}
-    # SentencePiece never matches control, unknown or byte pieces in text ("<unk>" occurs in
-    # WikiText as plain text); tokenizers' Viterbi would. A score below that of any split of the
-    # piece's text into normal pieces keeps them out of every best path; byte fallback still
-    # finds the byte pieces by name.
-    lowest = min(sp.get_score(i) for i in ids if i not in special_ids)
-    longest = max(len(sp.id_to_piece(i)) for i in ids)
-    vocab = [(sp.id_to_piece(i), (longest + 1) * lowest if i in special_ids else sp.get_score(i)) for i in ids]
-    backend = Tokenizer(Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
-    special = {name: sp.id_to_piece(index) for name, index in
-               (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("pad_token", sp.pad_id()))}
-    # split_special_tokens: "<unk>" in the text is text, as it is to SentencePiece.
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, split_special_tokens=True, **special)
-    tokenizer.save_pretrained(directory)
-    return sp
-
-
-def _task_strings(include_path: Path) -> list[str]:
-    """Every string the tasks' documents hold, and each context joined to its targets."""
-    strings = []
-    for path in sorted(include_path.glob("*_test.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            doc = json.loads(line)
-            if "page" in doc:
-                strings.append(doc["page"])
-            if "target" in doc:
-                strings += [doc["context"], doc["context"] + doc["target"]]
-            if "choices" in doc:
-                strings += [doc["context"]] + [doc["context"] + "\n" + choice for choice in doc["choices"]]
-    return strings
-
-
-def choose_ffn(config_values: dict, target: int):
-    """The xLSTM config with the preset's width, depth and heads whose feed-forward width (a
-    multiple of the config's rounding) brings the parameter count closest to ``target``."""
-    import torch
-    from transformers import xLSTMConfig, xLSTMForCausalLM
-
-    def count(config) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in xLSTMForCausalLM(config).parameters())
-
-    multiple = xLSTMConfig().ffn_round_up_to_multiple_of
-    hidden = config_values["hidden_size"]
-    best = None
-    width = multiple
-    while True:
-        config = xLSTMConfig(**config_values, ffn_proj_factor=width / hidden)
-        total = count(config)
-        if best is None or abs(total - target) < abs(best[1] - target):
-            best = (config, total)
-        if total > target:
-            return best
-        width += multiple
-
-
-def serve(config_path: str) -> None:
-    settings = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    try:
-        import torch
-        import lm_eval
-        from lm_eval.api.registry import get_model
-        from lm_eval.tasks import TaskManager
-        from transformers import AutoTokenizer, xLSTMForCausalLM
-
-        start = time.perf_counter()
-        directory = Path(settings["model_dir"])
-        directory.mkdir(parents=True, exist_ok=True)
-        sp = build_tokenizer(settings["tokenizer_model"], directory)
-        values = dict(
-            vocab_size=settings["vocab_size"],
-            hidden_size=settings["hidden_size"],
-            num_hidden_layers=settings["num_layers"],
-            num_heads=settings["num_heads"],
-            # Ours has separate embedding and output matrices and runs in float32 throughout.
-            tie_word_embeddings=False,
-            autocast_kernel_dtype="float32",
-            inference_state_dtype="float32",
-            chunk_size=settings["chunk_size"],
-            mode="inference",
-            # lm-eval scores full sequences: no recurrent cache is carried between calls.
-            use_cache=False,
-            bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), pad_token_id=sp.pad_id(),
-        )
-        config, num_params = choose_ffn(values, settings["target_params"])
-        torch.manual_seed(0)
-        model = xLSTMForCausalLM(config)
-        model.save_pretrained(directory)
-        del model
-        build_s = time.perf_counter() - start
-
-        hf_tokenizer = AutoTokenizer.from_pretrained(directory)
-        strings = _task_strings(Path(settings["include_path"]))
-        same = sum(hf_tokenizer.encode(s, add_special_tokens=False) == sp.encode(s) for s in strings)
-
-        model_args = (f"pretrained={directory},tokenizer={directory},dtype=float32,device=cpu,"
-                      f"max_length={settings['max_length']}")
-        start = time.perf_counter()
-        lm = get_model("hf").create_from_arg_string(model_args, {"batch_size": settings["batch_size"]})
-        load_s = time.perf_counter() - start
-
-        counts = {}
-        original = lm._loglikelihood_tokens
-
-        def counted(requests, *args, **kwargs):
-            # Each request is ((context, continuation), context_tokens, continuation_tokens); the
-            # rolling path arrives here too, one window per document.
-            begin = time.perf_counter()
-            result = original(requests, *args, **kwargs)
-            counts["model_seconds"] += time.perf_counter() - begin
-            counts["scored_tokens"] += sum(len(r[2]) for r in requests)
-            lengths = [len((r[1] + r[2])[-(lm.max_length + 1):][:-1]) for r in requests]
-            counts["model_input_tokens"] += sum(lengths)
-            return result
-
-        lm._loglikelihood_tokens = counted
-        model_calls = []
-        forward = lm._model_call
-
-        def call(inps, *args, **kwargs):
-            model_calls.append(tuple(inps.shape))
-            return forward(inps, *args, **kwargs)
-
-        lm._model_call = call
-
-        _emit({
-            "num_params": num_params,
-            "xlstm_config": {k: v for k, v in config.to_dict().items() if k in (
-                "hidden_size", "num_hidden_layers", "num_heads", "ffn_proj_factor", "ffn_round_up_to_multiple_of",
-                "qk_dim_factor", "v_dim_factor", "chunk_size", "chunkwise_kernel", "sequence_kernel", "step_kernel",
-                "mode", "autocast_kernel_dtype", "inference_state_dtype", "tie_word_embeddings", "vocab_size",
-                "weight_mode")},
-            "model_args": model_args + f" (batch_size={settings['batch_size']})",
-            "tokenization": {"strings_checked": len(strings), "identical": same},
-            "torch_threads": torch.get_num_threads(),
-            "build_s": build_s,
-            "load_s": load_s,
-            "versions": {"torch": torch.__version__, "lm_eval": lm_eval.__version__},
-        })
-    except Exception as error:  # the parent reports it; the traceback goes to the child's log
-        import traceback
-
-        traceback.print_exc()
-        _emit({"error": f"{type(error).__name__}: {error}"})
-        return
-
-    for line in sys.stdin:
-        command = line.strip()
-        if command == "quit":
-            return
-        try:
-            counts.update(model_seconds=0.0, scored_tokens=0, model_input_tokens=0)
-            model_calls.clear()
-            start = time.perf_counter()  # the task manager is inside the timing, as in our run_lm_eval
-            manager = TaskManager(include_path=settings["include_path"], include_defaults=False)
-            output = lm_eval.simple_evaluate(
-                model=lm, tasks=settings["tasks"], limit=1 if command == "warm" else None, bootstrap_iters=0,
-                log_samples=False, cache_requests=False, task_manager=manager,
-            )
-            seconds = time.perf_counter() - start
-            _emit({
-                "seconds": seconds,
-                **counts,
-                "model_calls": len(model_calls),
-                "model_padded_tokens": sum(b * t for b, t in model_calls),
-                "metrics": _metrics(output),
-            })
-        except Exception as error:
-            import traceback
-
-            traceback.print_exc()
-            _emit({"error": f"{type(error).__name__}: {error}"})
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="the hf side of B7 (run by benchmarks.hf_backend.run)")
-    parser.add_argument("--serve", required=True, help="JSON settings written by the parent")
-    serve(parser.parse_args().serve)

@@ -5,8 +5,9 @@
 B1 throughput (+ overlap), B2 shared prefixes, B3 flat memory (two child processes), B4
 compilations, B5 several devices (runs tests/test_multidevice.py), B6 two processes
 over jax.distributed (runs tests/test_multihost.py), B7 against lm-eval's ``hf``
-backend on transformers' xLSTM (a child process in the ``bench-hf`` virtual environment; recorded
-as not measured, with the install command, where none is found), the bootstrap figures of issue 6
+backend on transformers' xLSTM with the same weights and tokenizer as our JAX xLSTM (a child
+process in the ``bench-hf`` virtual environment; recorded as not measured, with the install
+command, where none is found), the bootstrap figures of issue 6
 (``benchmarks.bootstrap``) and the cost of ``bootstrap_iters=100000`` in an evaluation. Figures are medians over repeats; ratios are taken
 within this run, the compared methods interleaved repeat by repeat. The JSON is rewritten after
 every benchmark, so a failure keeps what came before; a failing benchmark records its error.
@@ -145,9 +146,16 @@ def _summary(benchmarks: dict) -> dict:
     rows["B5 sharded == one device"] = {"value": get("B5_multidevice", "passed"), "holds": get("B5_multidevice", "passed")}
     identical = get("B6_multihost", "identical_to_one_process")
     rows["B6 two processes == one process"] = {"value": identical, "holds": identical}
-    for preset in ("tiny", "small"):
+    for preset in ("tiny", "small", "100m"):
         speedup = get("B7_lm_eval_hf", "speedup_vs_lm_eval_hf", preset)
+        same = get("B7_lm_eval_hf", "same_weights", preset)
+        diff = get("B7_lm_eval_hf", "max_rel_loglik_diff", preset)
         rows[f"B7 speedup_vs_lm_eval_hf ({preset}) >= 2"] = {"value": speedup, "holds": check(speedup, lambda v: v >= 2)}
+        rows[f"B7 same weights and tokenizer ({preset})"] = {"value": same, "holds": same}
+        rows[f"B7 max |Δ loglik| / max(1, |loglik|) ({preset}) <= 1e-5"] = {
+            "value": {"relative": diff, "absolute": get("B7_lm_eval_hf", "max_abs_loglik_diff", preset)},
+            "holds": check(diff, lambda v: v <= 1e-5),
+        }
     iters = get("bootstrap", "ours_iters")
     for name in ("perplexity", "median", "word_perplexity"):
         seconds = get("bootstrap", "metrics", name, "ours_s")
@@ -249,7 +257,7 @@ def main(argv=None) -> None:
     if "B7" in selected:
         from . import hf_backend
 
-        record("B7_lm_eval_hf", lambda: hf_backend.run(tokenizer, work, args.quick))
+        record("B7_lm_eval_hf", lambda: hf_backend.run(work, args.quick))
     if "bootstrap" in selected:
         from . import bootstrap
 
