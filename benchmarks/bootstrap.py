@@ -77,14 +77,14 @@ def run(quick: bool) -> dict:
     results = {}
     for name, (ours_agg, ours_x, lm_agg, lm_items) in cases.items():
         ours_s, ours_all, ours_cpu, ours_se = _timed(
-            lambda: bootstrap_stderr(ours_agg, ours_x, ours_iters, seed=1234), repeats
+            lambda agg=ours_agg, x=ours_x: bootstrap_stderr(agg, x, ours_iters, seed=1234), repeats
         )
         single_s, _, _, _ = _timed(
-            lambda: bootstrap_stderr(ours_agg, ours_x, ours_iters, seed=1234, workers=1),
+            lambda agg=ours_agg, x=ours_x: bootstrap_stderr(agg, x, ours_iters, seed=1234, workers=1),
             repeats,
         )
         lm_s, lm_all, lm_cpu, lm_se = _timed(
-            lambda: _lm_eval_stderr(lm, lm_agg, lm_items, lm_iters), repeats
+            lambda agg=lm_agg, items=lm_items: _lm_eval_stderr(lm, agg, items, lm_iters), repeats
         )
         results[name] = {
             "ours_s": ours_s,

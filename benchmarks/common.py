@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -243,7 +244,7 @@ def timed_batches():
 def wikitext_articles() -> list[tuple[str, str]]:
     """WikiText-2 validation split into articles at its top-level `` = Title = `` lines."""
     text = WIKITEXT.read_text(encoding="utf-8").lstrip("\ufeff")
-    parts = re.split(r"^ = ([^=].*?) = $", text, flags=re.M)
+    parts = re.split(r"^ = ([^=].*?) = $", text, flags=re.MULTILINE)
     return [(parts[i], f" = {parts[i]} = {parts[i + 1]}".rstrip() + "\n") for i in range(1, len(parts), 2)]
 
 
@@ -298,7 +299,7 @@ def choice_docs(seed: int = 0, num_choices: int = 4) -> list[dict]:
     speeches = shakespeare_speeches()
     first_lines = [lines[0] for _, lines in speeches if 3 <= len(lines[0].split())]
     docs = []
-    for (speaker, lines), (next_speaker, next_lines) in zip(speeches, speeches[1:]):
+    for (speaker, lines), (next_speaker, next_lines) in itertools.pairwise(speeches):
         answer = next_lines[0]
         if len(answer.split()) < 3 or len(lines) > 8:
             continue
@@ -319,8 +320,7 @@ def _write_task(directory: Path, name: str, fields: dict, splits: dict[str, list
     for split, docs in splits.items():
         path = (directory / f"{name}_{split}.jsonl").absolute()
         with open(path, "w", encoding="utf-8") as handle:
-            for doc in docs:
-                handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
         files[split] = str(path)
     config = {
         "task": name,
@@ -493,9 +493,9 @@ class _Devnull:
 def eval_config(tasks: list[str], include_path: Path, **overrides):
     from mlflow_lmeval.config import EvalConfig
 
-    values = dict(
-        evaluation_tasks=tuple(tasks), include_path=str(include_path), cache_requests=False, bootstrap_iters=0,
-    )
+    values = {
+        "evaluation_tasks": tuple(tasks), "include_path": str(include_path), "cache_requests": False, "bootstrap_iters": 0,
+    }
     values.update(overrides)
     return EvalConfig(**values)
 

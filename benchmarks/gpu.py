@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import operator
 import os
 import platform
 import subprocess
@@ -312,7 +314,7 @@ def run_section(name: str, tiny: bool, out: Path) -> None:
         with phase("naive"):
             record["naive"], naive_logliks = naive_check(model, requests, state["sample"], per_kind)
             record["speedup_vs_naive"] = record["naive"]["workload_projected_s"] / seconds
-            engine_logliks = state["results"].loglik[sum(state["sample"], [])]
+            engine_logliks = state["results"].loglik[functools.reduce(operator.iadd, state["sample"], [])]
             record["max_abs_loglik_diff_vs_full_pass"] = float(np.max(np.abs(engine_logliks - naive_logliks)))
             record["context_effect_max_abs_loglik"] = record["naive"].pop("context_effect")
     record["wall_s"] = time.perf_counter() - started

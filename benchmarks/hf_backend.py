@@ -40,9 +40,9 @@ from .hf_protocol import PROTOCOL, ResponseRecorder, metrics_of, requests_digest
 PRESETS = {
     # transformers xLSTMConfig fields; tiny and small keep the sizes B7 compared before (the mLSTM
     # presets' width, depth and heads with the feed-forward width that matched their parameter count).
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, ffn_proj_factor=5.0),  # 0.68 M
-    "small": dict(hidden_size=256, num_hidden_layers=6, num_heads=4, ffn_proj_factor=4.75),  # 9.3 M
-    "100m": dict(hidden_size=768, num_hidden_layers=13, num_heads=8),  # 98.5 M, the 7B's proportions
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "ffn_proj_factor": 5.0},  # 0.68 M
+    "small": {"hidden_size": 256, "num_hidden_layers": 6, "num_heads": 4, "ffn_proj_factor": 4.75},  # 9.3 M
+    "100m": {"hidden_size": 768, "num_hidden_layers": 13, "num_heads": 8},  # 98.5 M, the 7B's proportions
 }
 SIZES = {
     # preset: (wiki articles, shortest first; lastword docs; choice docs). The hf side runs a few
@@ -87,7 +87,7 @@ def find_interpreter() -> tuple[str | None, dict]:
             continue
         if done.returncode == 0:
             return candidate, json.loads(done.stdout.strip().splitlines()[-1])
-        failures[candidate] = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
+        failures[candidate] = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
     return None, failures
 
 
@@ -98,7 +98,7 @@ class Child:
         settings_path = log_path.with_suffix(".json")
         settings_path.write_text(json.dumps(settings), encoding="utf-8")
         self.log_path = log_path
-        self._log = open(log_path, "w", encoding="utf-8")
+        self._log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (the child writes to it until close())
         self.process = subprocess.Popen(
             [python, "-m", "benchmarks.hf_child", "--serve", str(settings_path)],
             cwd=common.REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
@@ -307,9 +307,9 @@ def summarize(preset, mode, tasks, built, loaded, ours_digests, runs, loads, loa
         "documents": dict(zip(("wiki_articles", "lastword_docs", "choice_docs"), SIZES[mode][preset])),
         "num_params": built["num_params"],
         "xlstm_config": built["xlstm_config"],
-        "checkpoint": "random float32 xLSTMForCausalLM (seed %d, weights spread wider than transformers' init) and "
-        "a byte-level BPE tokenizer (%d pieces) trained on the benchmark's text, written with save_pretrained; both "
-        "sides load that one directory" % (SEED, built["tokenizer_vocab_size"]),
+        "checkpoint": f"random float32 xLSTMForCausalLM (seed {SEED}, weights spread wider than transformers' init) and "
+        f"a byte-level BPE tokenizer ({built['tokenizer_vocab_size']} pieces) trained on the benchmark's text, written "
+        "with save_pretrained; both sides load that one directory",
         "same_weights": same_weights,
         "same_tokenizer": same_tokenizer,
         "digests": {"built": built["weights_digest"], "hf": hf_digests, "ours": ours_digests,

@@ -134,7 +134,7 @@ def child(directory: str, repeats: int) -> dict:
 
     block = np.random.default_rng(0).bytes(256 * 2**20)
     fingerprint_s, fingerprint_all = _median_seconds(lambda: hf.fingerprint(files), repeats)
-    read_s, read_all = _median_seconds(read_only, repeats)
+    read_s, _read_all = _median_seconds(read_only, repeats)
     sha_s, _ = _median_seconds(lambda: hashlib.sha256(block).digest(), repeats)
     gb = file_bytes / 1e9
     return {

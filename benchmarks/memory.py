@@ -30,7 +30,7 @@ from . import common
 CHUNK_SIZE = 256
 MODELS = ("mlstm", "xlstm")
 # A small xLSTM of transformers' layout (pre-norm mLSTM + gated FFN, soft-capped gates and logits).
-XLSTM_PRESETS = {"tiny": dict(hidden_size=128, num_blocks=2, num_heads=2)}
+XLSTM_PRESETS = {"tiny": {"hidden_size": 128, "num_blocks": 2, "num_heads": 2}}
 
 
 def status_kb(field: str) -> int | None:

@@ -22,7 +22,7 @@ _EXPORTS = {
     "LMEvalCallback": "mlflow_lmeval.callback",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (a list, built from the table above)
 
 
 def __getattr__(name):

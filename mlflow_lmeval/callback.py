@@ -14,8 +14,9 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import UserError
 from .results_file import RESULTS_FILE, live_results, write_results_file
@@ -229,7 +230,7 @@ class LMEvalCallback:
         try:
             with http_limits(*self._limits):
                 log_live_metrics(run_id, step, metrics, timestamp_ms, self._tracking_uri())
-        except Exception as error:  # noqa: BLE001 - tracking must not stop training
+        except Exception as error:
             failure = tracking_error(error, self._tracking_uri(), f"logging lm-eval metrics at step {step}")
             self._offline_until = time.monotonic() + self.retry_after_s
             self._spool(results, run_id, step, timestamp_ms, str(failure))

@@ -153,7 +153,7 @@ class EvalConfig:
         self._validate()
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EvalConfig":
+    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
         """From a dict of field names (the ALIASES' names too)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - set(ALIASES))
@@ -161,7 +161,7 @@ class EvalConfig:
             raise UserError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
         return cls(**values)
 
-    def replace(self, **changes) -> "EvalConfig":
+    def replace(self, **changes) -> EvalConfig:
         """A copy with ``changes`` (field names, or the ALIASES' names)."""
         return dataclasses.replace(self, **resolve_aliases(changes))
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 # DVC sets DVC_ROOT and DVC_STAGE for every stage command, and DVC_EXP_NAME in `dvc exp run`.
 _ENV_TO_TAG = {"DVC_STAGE": "dvc.stage", "DVC_EXP_NAME": "dvc.exp_name", "DVC_ROOT": "dvc.root"}

@@ -22,9 +22,10 @@ import hashlib
 import inspect
 import io
 import json
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lm_eval.caching.cache as lm_eval_cache
 import pyarrow as pa

@@ -15,8 +15,8 @@ import os
 import sqlite3
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

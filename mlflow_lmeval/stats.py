@@ -12,27 +12,27 @@ stderr; every other aggregation is bootstrapped.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from .bootstrap import bootstrap_replicates, bootstrap_stderr
 
 __all__ = [
+    "bits_per_byte",
+    "byte_perplexity",
+    "f1",
+    "mcc",
+    "mean",
     "mean_stderr",
+    "median",
+    "nanmean",
+    "perplexity",
     "stderr_for",
     "token_perplexity",
-    "mean",
-    "nanmean",
-    "median",
-    "perplexity",
     "weighted_mean",
     "weighted_perplexity",
     "word_perplexity",
-    "byte_perplexity",
-    "bits_per_byte",
-    "f1",
-    "mcc",
 ]
 
 _LN2 = math.log(2.0)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jinja2
 from lm_eval.api.task import ConfigurableTask, Task
@@ -88,7 +88,7 @@ def named_task_errors(manager) -> Iterator[None]:
             raise
         except jinja2.TemplateError as error:
             raise _template_error(task, manager, error) from None
-        except Exception as error:  # noqa: BLE001 - past the config, what fails is the user's data
+        except Exception as error:
             if isinstance(error, (ImportError, StopIteration)) or getattr(task, "config", None) is None:
                 raise  # a missing package, an empty dataset, a config lm-eval rejected: reported elsewhere
             cause = _root_cause(error)

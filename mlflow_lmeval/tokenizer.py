@@ -59,7 +59,7 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"tokenizer not found: {path}")
@@ -158,7 +158,7 @@ class HFTokenizer:
         self._special = special_tokens or {}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
+    def load(cls, directory: str | os.PathLike) -> HFTokenizer:
         """Read ``directory/tokenizer.json`` and, when present, ``directory/tokenizer_config.json``."""
         directory = Path(directory)
         path = directory / "tokenizer.json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 10
 
-    def validate(self) -> "TrainSettings":
+    def validate(self) -> TrainSettings:
         for name in ("steps", "batch_size", "sequence_length", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")

@@ -7,8 +7,9 @@ import contextlib
 import dataclasses
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .callback import LMEvalCallback
 from .config import EvalConfig

@@ -22,7 +22,7 @@ import pytest
 
 from mlflow_lmeval.models import mlstm
 
-TINY = dict(embed_dim=32, num_layers=2, num_heads=2)
+TINY = {"embed_dim": 32, "num_layers": 2, "num_heads": 2}
 
 
 def run_in_chunks(model, params, tokens, chunk_size, mask=None):

@@ -39,7 +39,7 @@ def fake_lm_eval(params):
 def toy_training(steps, on_step, log=None):
     """Real JAX: gradient descent of 4 weights towards 1; ``on_step(step, params)`` after each step."""
     params = {"w": jnp.zeros(4)}
-    loss_fn = lambda p: jnp.mean((p["w"] - 1.0) ** 2)  # noqa: E731
+    loss_fn = lambda p: jnp.mean((p["w"] - 1.0) ** 2)
     step_fn = jax.jit(lambda p: jax.tree.map(lambda w, g: w - 1.0 * g, p, jax.grad(loss_fn)(p)))
     for step in range(1, steps + 1):
         params = step_fn(params)

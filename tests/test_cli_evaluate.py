@@ -40,18 +40,18 @@ def empty_target_task(tmp_path_factory):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(tasks="no_such_task"), "unknown task(s): no_such_task"),
-        (dict(include_path="/nonexistent/tasks"), "include path not found: /nonexistent/tasks"),
-        (dict(chunk_size=0), "--chunk_size must be a positive integer, got 0"),
-        (dict(batch_size=-2), "--batch_size must be a positive integer, got -2"),
-        (dict(tasks="empty_target", include_path="EMPTY"), "tokenizes to nothing"),
-        (dict(checkpoint="/nonexistent/step_1"), "checkpoint not found"),
+        ({"tasks": "no_such_task"}, "unknown task(s): no_such_task"),
+        ({"include_path": "/nonexistent/tasks"}, "include path not found: /nonexistent/tasks"),
+        ({"chunk_size": 0}, "--chunk_size must be a positive integer, got 0"),
+        ({"batch_size": -2}, "--batch_size must be a positive integer, got -2"),
+        ({"tasks": "empty_target", "include_path": "EMPTY"}, "tokenizes to nothing"),
+        ({"checkpoint": "/nonexistent/step_1"}, "checkpoint not found"),
     ],
     ids=["unknown-task", "missing-include-path", "chunk-size-0", "negative-batch-size", "empty-request", "missing-checkpoint"],
 )
 def test_bad_input_is_one_line_and_exit_2(checkpoint, local_tasks, empty_target_task, tmp_path, change, message):
     directory, names = local_tasks
-    options = dict(checkpoint=checkpoint.path, tasks=names[1], include_path=directory, output_path=tmp_path, limit=2)
+    options = {"checkpoint": checkpoint.path, "tasks": names[1], "include_path": directory, "output_path": tmp_path, "limit": 2}
     options.update(change)
     if options["include_path"] == "EMPTY":
         options["include_path"] = empty_target_task

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from test_tracking import FINGERPRINTS, make_results_dir
 
 from mlflow_lmeval.tracking import TAG_FINGERPRINT, TAG_IDENTITY, evaluation_identity, flatten_metrics, read_results
-from test_tracking import FINGERPRINTS, make_results_dir
 
 PUBLISH_AT = r"""
 import os, sys, time

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_inputs import write_task
 
 import mlflow_lmeval
 from mlflow_lmeval.errors import UserError
 from mlflow_lmeval.models import hf
 from mlflow_lmeval.tracking import checkpoint_info, ensure_checkpoint_model
-from test_bad_inputs import write_task
 
 SINGLE = Path(__file__).parent / "fixtures" / "hf_xlstm" / "single"
 

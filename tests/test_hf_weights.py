@@ -55,7 +55,7 @@ def damaged(tmp_path, how: str) -> Path:
     elif how == "not json":
         data = data[:8] + b"{" * size + data[8 + size :]
     elif how in ("dtype", "offsets"):
-        name = sorted(n for n in header if n != "__metadata__")[0]
+        name = min(n for n in header if n != "__metadata__")
         if how == "dtype":
             header[name]["dtype"] = "F7"
         else:

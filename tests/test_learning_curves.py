@@ -60,7 +60,7 @@ def test_checkpoint_and_live_evaluations_draw_two_curves_on_the_training_run(sto
             assert (step, value) in points(client, run.run_id, key), key
 
     before = _snapshot(client, store)
-    for step, acc in accs.items():  # publishing again (CLI, pipeline, sync all come here) adds no point
+    for step in accs:  # publishing again (CLI, pipeline, sync all come here) adds no point
         assert publish_results(tmp_path / "out" / f"step_{step}", tracking_uri=store).created is False
     assert _snapshot(client, store) == before
 

@@ -5,10 +5,10 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from conftest import log_probs, run_in_chunks
 
 from mlflow_lmeval import load
 from mlflow_lmeval.models import mlstm
-from conftest import log_probs, run_in_chunks
 
 LENGTH = 709
 

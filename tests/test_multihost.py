@@ -91,7 +91,7 @@ def run_processes(count: int, command, tmp_path: Path, env_extra=None, deadline_
     processes, logs = [], []
     try:
         for process_id in range(count):
-            log = open(tmp_path / f"process_{count}_{process_id}.log", "w+")
+            log = open(tmp_path / f"process_{count}_{process_id}.log", "w+")  # noqa: SIM115 (closed in finally)
             logs.append(log)
             processes.append(subprocess.Popen(command(process_id, port), cwd=REPO, env=env, stdout=log,
                                               stderr=subprocess.STDOUT, text=True))

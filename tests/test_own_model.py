@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_example(marker: str) -> str:
     """The README's fenced python block whose first line is ``# example: <marker>``."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
     found = [block for block in blocks if block.startswith(f"# example: {marker}\n")]
     assert len(found) == 1, f"README.md has {len(found)} python blocks marked '# example: {marker}'"
     return found[0]
@@ -39,7 +39,7 @@ def run_example(marker: str, capsys) -> dict:
     namespace = {"__name__": f"readme_{marker}"}
     exec(compile(readme_example(marker), f"README.md:{marker}", "exec"), namespace)
     printed = capsys.readouterr().out
-    assert re.search(r"^acc \d", printed, flags=re.M), printed
+    assert re.search(r"^acc \d", printed, flags=re.MULTILINE), printed
     return namespace
 
 

@@ -18,7 +18,7 @@ from mlflow_lmeval.response_cache import ResponseCache
 
 def requests_for(checkpoint, count=40):
     tok = checkpoint.tokenizer
-    words = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "cat", "sleeps", "in", "the", "warm", "sun"]
     return [(tok.encode(" ".join(words[: 3 + i % 9])), tok.encode(" " + words[(i * 7) % len(words)])) for i in range(count)]
 
 
@@ -93,7 +93,7 @@ def cli(*args, **kwargs):
 
 
 def test_kill_9_then_the_same_command_resumes_with_identical_results(checkpoint, local_tasks, tmp_path):
-    directory, names = local_tasks
+    directory, _names = local_tasks
     cache_path = tmp_path / "r.sqlite"
     common = ["evaluate", "--checkpoint", checkpoint.path, "--tasks", "t_rolling,t_nextsentence", "--include_path", directory,
               "--batch_size", 1, "--chunk_size", 4, "--limit", 12, "--bootstrap_iters", 0, "--no_tracking", "--log_samples"]

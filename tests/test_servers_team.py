@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-
-from mlflow_lmeval import tracking
-from mlflow_lmeval.tracking import TrackingUnavailable, publish_results
 from servers import MlflowServer, PostgresServer, postgres_bin_dir
 from test_concurrency import _assert_one_of_each, _publish_together, _results_dirs
 from test_tracking import make_checkpoint, make_results_dir
+
+from mlflow_lmeval import tracking
+from mlflow_lmeval.tracking import TrackingUnavailable, publish_results
 
 PASSWORD = "team-Passw0rd-7731"
 

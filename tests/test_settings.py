@@ -45,7 +45,7 @@ def _namespace(checkpoint, config):
 def test_a_field_changes_the_identity_and_cache_keys_exactly_when_it_affects_scores(checkpoint, name):
     changed = BASE.replace(**{name: CHANGED[name]})
     affects = config_module.settings()[name].affects
-    digest = lambda c: settings_digest({"eval_config": c.to_dict()})  # noqa: E731
+    digest = lambda c: settings_digest({"eval_config": c.to_dict()})
     assert (digest(changed) != digest(BASE)) == (affects is not None)
     assert (_namespace(checkpoint, changed) != _namespace(checkpoint, BASE)) == (affects == RESPONSES)
 

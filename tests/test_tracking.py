@@ -535,7 +535,7 @@ def test_server_killed_mid_publish_then_sync_completes_the_run(server, tmp_path)
             assert publisher.poll() is None and time.monotonic() < deadline, publisher.communicate()
             time.sleep(0.1)
         server.stop()
-        out, err = publisher.communicate(timeout=120)
+        _out, err = publisher.communicate(timeout=120)
     finally:
         if publisher.poll() is None:
             publisher.kill()

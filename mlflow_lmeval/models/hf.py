@@ -27,7 +27,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from ..errors import UserError
 from ..tokenizer import HFTokenizer

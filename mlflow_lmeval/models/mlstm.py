@@ -55,7 +55,7 @@ class MLSTMConfig:
     def head_dim(self) -> int:
         return self.inner_dim // self.num_heads
 
-    def validate(self) -> "MLSTMConfig":
+    def validate(self) -> MLSTMConfig:
         if self.vocab_size < 2:
             raise UserError(f"model vocab_size must be at least 2, got {self.vocab_size}")
         if min(self.embed_dim, self.num_layers, self.num_heads) < 1:
@@ -74,8 +74,8 @@ class MLSTMConfig:
 
 
 PRESETS = {
-    "tiny": dict(embed_dim=64, num_layers=2, num_heads=2),
-    "small": dict(embed_dim=256, num_layers=6, num_heads=4),
+    "tiny": {"embed_dim": 64, "num_layers": 2, "num_heads": 2},
+    "small": {"embed_dim": 256, "num_layers": 6, "num_heads": 4},
 }
 
 

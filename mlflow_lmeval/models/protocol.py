@@ -13,7 +13,8 @@ full pass, and a position whose mask is False leaves the state unchanged. A stat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -101,7 +101,7 @@ class XLSTMConfig:
         return round_up(self.hidden_size * self.ffn_proj_factor, self.ffn_round_up_to_multiple_of)
 
     @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "XLSTMConfig":
+    def from_hf(cls, hf: dict, **overrides) -> XLSTMConfig:
         """Build from a transformers ``config.json`` dict; ``overrides`` set our own fields (form...)."""
         defaults = cls()
 
@@ -124,7 +124,7 @@ class XLSTMConfig:
             raise UserError("config.json: add_out_norm=false is not supported (transformers ignores it)")
         return cls(**{**values, **overrides}).validate()
 
-    def validate(self) -> "XLSTMConfig":
+    def validate(self) -> XLSTMConfig:
         for name in ("vocab_size", "hidden_size", "num_blocks", "num_heads", "ffn_round_up_to_multiple_of", "segment_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

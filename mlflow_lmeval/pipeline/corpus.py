@@ -7,9 +7,9 @@ import ast
 import hashlib
 import sysconfig
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics
-from typing import Iterator
 
 SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "tkinter"}
 

@@ -46,10 +46,10 @@ class EvaluateParams:
     (config.Setting.param); their defaults are EvalConfig's own."""
 
     checkpoints: dict = dataclasses.field(default_factory=dict)  # stage name -> checkpoint directory
-    settings: EvalConfig = EvalConfig(include_path="data/tasks")
+    settings: EvalConfig = EvalConfig(include_path="data/tasks")  # noqa: RUF009 (frozen, so one shared default is safe)
 
     @classmethod
-    def from_params(cls, values: dict) -> "EvaluateParams":
+    def from_params(cls, values: dict) -> EvaluateParams:
         """From the ``evaluate:`` mapping; the older names of renamed params (config.ALIASES, e.g.
         ``use_infinite_eval`` for ``mode``) are accepted in users' files."""
         names = config_module.param_names()

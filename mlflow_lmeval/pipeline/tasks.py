@@ -132,8 +132,7 @@ def write_tasks(directory: str | Path, documents: list[tuple[str, str]], *, pref
         name = f"{prefix}_{kind}"
         data = directory / f"{name}.jsonl"
         with open(data, "w", encoding="utf-8") as handle:
-            for doc in docs:
-                handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
         data_file = str(data.absolute() if data_root is None else data.absolute().relative_to(Path(data_root).absolute()))
         config = {
             "task": name,

@@ -7,7 +7,7 @@ failure that leaves this package is translated here into a short line without se
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import UserError
 from .redact import redact_uri, scrub_text
@@ -103,5 +103,5 @@ def translated(uri: str, doing: str) -> Iterator[None]:
         yield
     except UserError:
         raise
-    except Exception as error:  # noqa: BLE001 - every tracking failure becomes a one-line error
+    except Exception as error:
         raise tracking_error(error, uri, doing) from error

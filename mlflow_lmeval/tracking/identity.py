@@ -10,8 +10,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .. import config as config_module
 from ..results_file import checkpoint_section, live_section

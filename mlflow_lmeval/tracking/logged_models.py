@@ -11,8 +11,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import UserError
 from ..models.loading import HUGGING_FACE, checkpoint_format

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 REDACTED = "[REDACTED]"
 
 # Words that mark a secret anywhere in a key, and short words that must stand alone ("key" in
 # "api_key", not in "monkey"; "token" in "hf_token", not in "tokenizer_path").
-_STRONG_SECRET = re.compile(r"password|passwd|passphrase|secret|credential|apikey|private_key", re.I)
-_WEAK_SECRET = re.compile(r"(?:^|[^a-z])(?:key|token|pass|authorization|cookie)(?:$|[^a-z])", re.I)
+_STRONG_SECRET = re.compile(r"password|passwd|passphrase|secret|credential|apikey|private_key", re.IGNORECASE)
+_WEAK_SECRET = re.compile(r"(?:^|[^a-z])(?:key|token|pass|authorization|cookie)(?:$|[^a-z])", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@\"']+@")
 # "token=abc" inside a string (lm-eval's model_args, query strings); "=" only, so prose survives.
-_INLINE_SECRET = re.compile(r"(\b[\w.\-]*(?:password|passwd|secret|token|api_?key|access_key)=)([^\s,;&\"'}]+)", re.I)
+_INLINE_SECRET = re.compile(r"(\b[\w.\-]*(?:password|passwd|secret|token|api_?key|access_key)=)([^\s,;&\"'}]+)", re.IGNORECASE)
 
 
 def is_secret_key(key: str) -> bool:

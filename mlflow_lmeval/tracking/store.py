@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from . import store_lock
 from .errors import TrackingError, translated
@@ -111,7 +112,7 @@ def ensure_experiment(mlflow_client, name: str, uri: str) -> str:
         try:
             return mlflow_client.create_experiment(name, artifact_location=location,
                                                    tags={TAG_EXPERIMENT_KIND: MODEL_DEVELOPMENT})
-        except Exception:  # noqa: BLE001 - another process may have created it meanwhile
+        except Exception:
             experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
                 raise
@@ -192,7 +193,7 @@ def retry_on_conflict(action: Callable[[], Any], attempts: int = 3) -> Any:
     for attempt in range(attempts):
         try:
             return action()
-        except Exception as error:  # noqa: BLE001 - only a lost insert race is retried
+        except Exception as error:
             if attempt == attempts - 1 or not any(hint in str(error).lower() for hint in _CONFLICT_HINTS):
                 raise
             time.sleep(0.2 * (attempt + 1))

@@ -16,8 +16,8 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..paths import cache_root
 from .uri import sqlite_file

@@ -11,8 +11,9 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Self
 
 from ..errors import UserError
 from . import store
@@ -80,7 +81,7 @@ class TrainingRun:
         try:
             with store.http_limits():
                 return action()
-        except Exception as error:  # noqa: BLE001 - tracking must not stop training
+        except Exception as error:
             failure = tracking_error(error, self.tracking_uri, doing)
             # Unreachable: stop trying (once warned), or every step would pay for the retries.
             self.unavailable = isinstance(failure, TrackingUnavailable) or self.run_id is None
@@ -105,7 +106,7 @@ class TrainingRun:
             _spooling_reference = self.reference
         return f"; spooling it in {self._spool.directory} (publish later: mlflow-lmeval sync {self.spool_dir})"
 
-    def start(self) -> "TrainingRun":
+    def start(self) -> TrainingRun:
         """Start (or adopt) the active run and log the params. Never raises on tracking failure."""
         def begin():
             import mlflow
@@ -191,7 +192,7 @@ class TrainingRun:
             return
         self._guarded("ending the training run", lambda: mlflow.end_run(status))
 
-    def __enter__(self) -> "TrainingRun":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from ..errors import UserError
 from . import store
@@ -54,7 +55,7 @@ class TrainingSpool:
 
     @classmethod
     def create(cls, spool_dir: str | os.PathLike, *, identity: str, run_id: str | None, experiment: str,
-               run_name: str | None, params: Mapping[str, str], tags: Mapping[str, str]) -> "TrainingSpool":
+               run_name: str | None, params: Mapping[str, str], tags: Mapping[str, str]) -> TrainingSpool:
         """Start a spool; raises OSError (the caller decides what a lost spool means)."""
         directory = Path(spool_dir) / f"training-{identity}"
         directory.mkdir(parents=True, exist_ok=True)
