@@ -1,5 +1,7 @@
 """Loss by context position: per-bucket sums add up to the request totals, at their absolute positions."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,45 @@ def test_each_task_table_weighs_up_to_its_mean_nll(model, mode):
         assert all(r["tokens"] > 0 for r in rows) and [r["start"] for r in rows] == sorted(r["start"] for r in rows)
     assert [r["start"] for r in table["wiki"]] == [0, 64, 128]  # documents of up to 188 characters
     assert table["cloze"][0]["start"] == 64  # every continuation starts after at least 70 characters
+
+
+def test_publishing_logs_the_curve_with_positions_as_steps_and_its_chart(store, tmp_path):
+    from mlflow import MlflowClient
+
+    from mlflow_lmeval.tracking import publish_results
+
+    rows = [{"start": 0, "end": 64, "tokens": 30, "mean_nll": 3.5}, {"start": 128, "end": 256, "tokens": 9, "mean_nll": 2.5}]
+    results = {"results": {"wiki": {"alias": "wiki", "word_perplexity,none": 40.0}},
+               "checkpoint": {"path": None, "step": 7, "fingerprint": None, "mlflow_run_id": None},
+               "eval_config": {"evaluation_tasks": ["wiki"]}, "loss_by_position": {"wiki": rows}}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps(results))
+    outcome = publish_results(tmp_path / "out", tracking_uri=store)
+    client = MlflowClient(store)
+    history = client.get_metric_history(outcome.run_id, "lmeval/wiki/nll_by_position")
+    assert sorted((p.step, p.value) for p in history) == [(64, 3.5), (256, 2.5)]
+    assert client.get_run(outcome.run_id).data.metrics["lmeval/wiki/word_perplexity"] == 40.0
+    assert "loss_by_position.png" in {a.path for a in client.list_artifacts(outcome.run_id)}
+
+
+def test_report_stage_tables_and_draws_every_checkpoint(tmp_path, monkeypatch):
+    from mlflow_lmeval.pipeline import stages
+
+    monkeypatch.chdir(tmp_path)
+    for step, nll in ((12, 3.0), (6, 4.0)):
+        rows = [{"start": 0, "end": 64, "tokens": 5, "mean_nll": nll}, {"start": 64, "end": 128, "tokens": 2, "mean_nll": nll - 1}]
+        (tmp_path / "results" / f"step_{step}").mkdir(parents=True)
+        (tmp_path / "results" / f"step_{step}" / "results.json").write_text(json.dumps(
+            {"results": {"wiki": {"bits_per_byte,none": 1.0}}, "checkpoint": {"step": step}, "loss_by_position": {"wiki": rows}}))
+    (tmp_path / "results" / "windowed").mkdir()
+    (tmp_path / "results" / "windowed" / "results.json").write_text(json.dumps(
+        {"results": {"wiki": {}}, "checkpoint": {"step": 20}, "loss_by_position": {"mode": "windowed", "reason": "."}}))
+    (tmp_path / "reports").mkdir()
+    collected = stages.collect_results(tmp_path / "results")
+    assert [row["step"] for row in collected] == [6, 12, 20]
+    table, chart = stages.write_loss_by_position(collected, tmp_path / "results")
+    lines = table.read_text().splitlines()
+    assert lines[0] == "checkpoint,step,task,start,end,tokens,mean_nll"
+    assert lines[1:] == ["step_6,6,wiki,0,64,5,4.0", "step_6,6,wiki,64,128,2,3.0",
+                         "step_12,12,wiki,0,64,5,3.0", "step_12,12,wiki,64,128,2,2.0"]
+    assert chart.stat().st_size > 0
