@@ -180,3 +180,17 @@ def test_report_stage_tables_and_draws_every_checkpoint(tmp_path, monkeypatch):
     assert lines[1:] == ["step_6,6,wiki,0,64,5,4.0", "step_6,6,wiki,64,128,2,3.0",
                          "step_12,12,wiki,0,64,5,3.0", "step_12,12,wiki,64,128,2,2.0"]
     assert chart.stat().st_size > 0
+
+
+def test_a_cache_written_without_buckets_is_set_aside_not_served(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "r.sqlite"
+    with sqlite3.connect(path) as db:  # the schema-1 layout: pieces without their loss by position
+        db.executescript("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('schema', '1');"
+                         "CREATE TABLE pieces (namespace TEXT, key BLOB, sequence_idx INTEGER, loglik REAL,"
+                         " num_tokens INTEGER, greedy INTEGER, PRIMARY KEY (key, sequence_idx));"
+                         "INSERT INTO pieces VALUES ('ns', x'00', 0, -1.0, 1, 1);")
+    with pytest.warns(UserWarning, match="written with schema 1"):
+        cache = ResponseCache(path)
+    assert cache.count() == 0 and list(tmp_path.glob("r.sqlite.corrupt-*"))
