@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import naive_loglikelihood
 
 from mlflow_lmeval import EvalConfig
 from mlflow_lmeval.evaluation import evaluate
-from conftest import naive_loglikelihood
 
 
 def run(checkpoint_path, local_tasks, tmp_path, **overrides):
@@ -103,9 +103,9 @@ def test_generation_equals_naive_decode_cut_at_until(reference, checkpoint):
 
 
 def test_generate_until_stops_at_a_stop_string(checkpoint):
+    from conftest import naive_greedy_decode
     from lm_eval.api.instance import Instance
 
-    from conftest import naive_greedy_decode
     from mlflow_lmeval.engine.loop import EngineSettings
     from mlflow_lmeval.lm import JaxLM
 
