@@ -202,6 +202,9 @@ def run_evaluation(model, tokenizer, config: EvalConfig, checkpoint_info: dict |
         "compilations": lm.engine.traces,
         "scored_tokens": {task: sum(n for _, n in scores) for task, scores in lm.document_scores.items()},
     }
+    # Per task, mean NLL per position bucket over every loglikelihood and rolling request (cached
+    # responses included); windowed mode says why it has none.
+    output["loss_by_position"] = lm.loss_by_position()
     if config.output_path:
         write_results(output, config.output_path)
     output.pop("samples", None)

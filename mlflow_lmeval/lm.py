@@ -5,13 +5,16 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+import numpy as np
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from .engine import positions
 from .engine.cached import CachedEngine
+from .engine.fuse import DocumentResults
 from .engine.loop import Engine, EngineSettings, NonFiniteLogits
 from .errors import UserError
 from .models.protocol import LanguageModel
@@ -29,7 +32,8 @@ class JaxLM(TemplateLM):
     """Serves ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` from a JAX model.
 
     ``document_scores`` records, per task, the (log-likelihood, scored tokens) of every
-    loglikelihood and rolling request, for token-level statistics afterwards.
+    loglikelihood and rolling request, for token-level statistics afterwards; ``position_sums``,
+    per task, their summed loss by position (engine/positions.py; recurrent mode only).
     """
 
     backend = "causal"
@@ -54,7 +58,8 @@ class JaxLM(TemplateLM):
         self.responses = CachedEngine(self.engine, cache, fingerprint)
         self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
         self.document_scores: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
-        self._last_token_counts: list[int] = []
+        self.position_sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # task -> (nll float64 [K], tokens int64 [K])
+        self._last_results: DocumentResults | None = None
 
     # ---- tokenization -----------------------------------------------------------------------
     @property
@@ -94,8 +99,24 @@ class JaxLM(TemplateLM):
         return results
 
     def _record(self, requests, logliks) -> None:
-        for request, loglik, count in zip(requests, logliks, self._last_token_counts):
-            self.document_scores[request.task_name].append((loglik, count))
+        """Keep per task what ``_last_results`` (the engine's results for ``requests``) adds up to."""
+        results = self._last_results
+        for request, loglik, count in zip(requests, logliks, results.num_tokens):
+            self.document_scores[request.task_name].append((loglik, int(count)))
+        if results.position_nll is None or not self.engine.by_position:
+            return
+        for index, request in enumerate(requests):
+            nll, tokens = self.position_sums.get(request.task_name) or (0.0, 0)
+            self.position_sums[request.task_name] = (nll + results.position_nll[index],
+                                                     tokens + results.position_tokens[index])
+
+    def loss_by_position(self) -> dict:
+        """results.json's ``loss_by_position``: per task, ``positions.table``'s rows; in windowed
+        mode a note saying why there is none."""
+        if not self.engine.by_position:
+            return {"mode": "windowed",
+                    "reason": "fixed-context windows: a target sees at most one window of context, whatever its position"}
+        return {task: positions.table(nll, tokens) for task, (nll, tokens) in sorted(self.position_sums.items())}
 
     def _score(self, encoded, described):
         """engine.score, with a non-finite result named by the lm-eval request that produced it."""
@@ -110,7 +131,7 @@ class JaxLM(TemplateLM):
                 raise UserError(f"the request with context {context[-60:]!r} has a continuation that tokenizes to nothing: {continuation!r}")
         encoded = [(context, continuation) for _, context, continuation in requests]
         results = self._score(encoded, lambda i: f"context {requests[i][0][0][-60:]!r} + continuation {requests[i][0][1][:60]!r}")
-        self._last_token_counts = [int(n) for n in results.num_tokens]
+        self._last_results = results
         return [(float(loglik), bool(greedy)) for loglik, greedy in zip(results.loglik, results.greedy)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -122,7 +143,7 @@ class JaxLM(TemplateLM):
                 raise UserError(f"request {_describe(request)} is a document that tokenizes to nothing")
             encoded.append(([self.prefix_token_id], tokens))
         results = self._score(encoded, lambda i: f"request {_describe(requests[i])}")
-        self._last_token_counts = [int(n) for n in results.num_tokens]
+        self._last_results = results
         logliks = [float(loglik) for loglik in results.loglik]
         self._record(requests, logliks)
         return logliks

@@ -23,7 +23,9 @@ import numpy as np
 from .errors import UserError
 from .paths import cache_root
 
-SCHEMA_VERSION = 1
+# 2: a piece also stores its loss by position (engine/positions.py), without which a cached
+# response could not give results.json the same table as a fresh one.
+SCHEMA_VERSION = 2
 FILE_NAME = "responses.sqlite"
 
 
@@ -48,7 +50,8 @@ def request_key(namespace_: str, *parts) -> bytes:
 
 
 class ResponseCache:
-    """``pieces``: (key, sequence_idx) -> (loglik, num_tokens, greedy); ``generations``: key -> tokens."""
+    """``pieces``: (key, sequence_idx) -> (loglik, num_tokens, greedy, loss by position);
+    ``generations``: key -> tokens."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else default_path()
@@ -67,7 +70,7 @@ class ResponseCache:
             CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
             CREATE TABLE IF NOT EXISTS pieces (
                 namespace TEXT, key BLOB, sequence_idx INTEGER, loglik REAL, num_tokens INTEGER, greedy INTEGER,
-                PRIMARY KEY (key, sequence_idx));
+                positions TEXT, PRIMARY KEY (key, sequence_idx));
             CREATE TABLE IF NOT EXISTS generations (namespace TEXT, key BLOB PRIMARY KEY, tokens TEXT);
             """
         )
@@ -83,37 +86,40 @@ class ResponseCache:
             if verdict == "ok" and schema == str(SCHEMA_VERSION):
                 return db
             db.close()
-            reason = verdict if verdict != "ok" else f"schema {schema}"
+            what = f"was damaged ({verdict})" if verdict != "ok" else f"was written with schema {schema}, not {SCHEMA_VERSION}"
         except sqlite3.DatabaseError as error:
-            reason = str(error)
+            what = f"was damaged ({error})"
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
         for suffix in ("", "-wal", "-shm"):
             source = Path(str(self.path) + suffix)
             if source.exists():
                 source.replace(Path(str(aside) + suffix))
-        warnings.warn(f"response cache {self.path} was damaged ({reason}); moved to {aside.name} and rebuilt")
+        warnings.warn(f"response cache {self.path} {what}; moved to {aside.name} and rebuilt")
         return self._connect()
 
-    def get_pieces(self, keys: Iterable[tuple[bytes, int]]) -> dict[tuple[bytes, int], tuple[float, int, bool]]:
+    def get_pieces(self, keys: Iterable[tuple[bytes, int]]) -> dict[tuple[bytes, int], tuple[float, int, bool, str]]:
+        """(key, sequence_idx) -> (loglik, num_tokens, greedy, positions) of the stored pieces."""
         found = {}
         keys = list(keys)
         for start in range(0, len(keys), 400):
             block = keys[start : start + 400]
             where = " OR ".join(["(key = ? AND sequence_idx = ?)"] * len(block))
             rows = self._db.execute(
-                f"SELECT key, sequence_idx, loglik, num_tokens, greedy FROM pieces WHERE {where}",
+                f"SELECT key, sequence_idx, loglik, num_tokens, greedy, positions FROM pieces WHERE {where}",
                 [value for pair in block for value in pair],
             )
-            for key, sequence_idx, loglik, num_tokens, greedy in rows:
-                found[(key, sequence_idx)] = (loglik, num_tokens, bool(greedy))
+            for key, sequence_idx, loglik, num_tokens, greedy, positions in rows:
+                found[(key, sequence_idx)] = (loglik, num_tokens, bool(greedy), positions)
         return found
 
-    def put_pieces(self, namespace_: str, rows: Iterable[tuple[bytes, int, float, int, bool]]) -> None:
-        """One transaction: a batch is either wholly in the cache or not at all."""
+    def put_pieces(self, namespace_: str, rows: Iterable[tuple[bytes, int, float, int, bool, str]]) -> None:
+        """Rows of (key, sequence_idx, loglik, num_tokens, greedy, positions: ``positions.encode``'s
+        text). One transaction: a batch is either wholly in the cache or not at all."""
         with self._transaction():
             self._db.executemany(
-                "INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?, ?, ?)",
-                [(namespace_, key, int(seq), float(loglik), int(n), int(bool(greedy))) for key, seq, loglik, n, greedy in rows],
+                "INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(namespace_, key, int(seq), float(loglik), int(n), int(bool(greedy)), str(positions))
+                 for key, seq, loglik, n, greedy, positions in rows],
             )
 
     def get_generations(self, keys: list[bytes]) -> dict[bytes, list[int]]:

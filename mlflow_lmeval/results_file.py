@@ -110,3 +110,10 @@ def evaluated_step(results: Mapping[str, Any]) -> int:
 def recorded_training_run_id(results: Mapping[str, Any]) -> str | None:
     """The MLflow run that trained what was evaluated, if results.json knows it."""
     return checkpoint_section(results).get("mlflow_run_id") or (live_section(results) or {}).get("run_id")
+
+
+def loss_by_position(results: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per task, the ``{start, end, tokens, mean_nll}`` rows of the loss by position (recurrent
+    mode); {} where results.json has none (windowed mode, or written before it was recorded)."""
+    section = results.get("loss_by_position") or {}
+    return {task: rows for task, rows in section.items() if isinstance(rows, list)}

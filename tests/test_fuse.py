@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 
 from mlflow_lmeval.engine.fuse import PieceResults, fuse_document_results
+from mlflow_lmeval.engine.positions import NUM_BUCKETS
 
 
 def pieces(rows):
-    """rows: (document_idx, sequence_idx, loglik, num_tokens, greedy)."""
+    """rows: (document_idx, sequence_idx, loglik, num_tokens, greedy); each piece's tokens and NLL
+    lie in position bucket ``sequence_idx``."""
     columns = list(zip(*rows))
-    return PieceResults(*(np.array(c) for c in columns))
+    buckets = np.eye(NUM_BUCKETS)[list(columns[1])]
+    return PieceResults(*(np.array(c) for c in columns), buckets * -np.array(columns[2])[:, None],
+                        (buckets * np.array(columns[3])[:, None]).astype(np.int64))
 
 
 def test_multi_piece_documents_sum_and_need_every_piece_greedy():
@@ -20,13 +24,16 @@ def test_multi_piece_documents_sum_and_need_every_piece_greedy():
     np.testing.assert_allclose(result.loglik, [-3.5, -0.75, -4.0])
     np.testing.assert_array_equal(result.num_tokens, [7, 3, 5])
     np.testing.assert_array_equal(result.greedy, [True, False, True])
+    np.testing.assert_array_equal(result.position_tokens[:, :3], [[3, 4, 0], [1, 2, 0], [5, 0, 0]])
+    np.testing.assert_allclose(result.position_nll[:, :2], [[1.5, 2.0], [0.5, 0.25], [4.0, 0.0]])
+    assert result.position_tokens[:, 2:].sum() == 0
 
 
 def test_order_does_not_matter():
     rows = [(1, 0, -1.0, 1, True), (2, 0, -2.0, 2, False), (1, 1, -3.0, 3, True), (2, 1, -4.0, 4, True)]
     forward = fuse_document_results(pieces(rows), [2, 2])
     backward = fuse_document_results(pieces(rows[::-1]), [2, 2])
-    for name in ("loglik", "num_tokens", "greedy"):
+    for name in ("loglik", "num_tokens", "greedy", "position_nll", "position_tokens"):
         np.testing.assert_array_equal(getattr(forward, name), getattr(backward, name))
 
 

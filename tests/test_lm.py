@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import naive_loglikelihood
 
 from mlflow_lmeval import EvalConfig
 from mlflow_lmeval.evaluation import evaluate
-from conftest import naive_loglikelihood
 
 
 def run(checkpoint_path, local_tasks, tmp_path, **overrides):
@@ -44,6 +44,15 @@ def test_results_have_every_metric(reference, local_tasks):
     assert results["checkpoint"]["fingerprint"].startswith("sha256:")
     on_disk = json.loads((__import__("pathlib").Path(results["eval_config"]["output_path"]) / "results.json").read_text())
     assert on_disk["results"] == results["results"]
+    # Loss by position: every loglikelihood/rolling task, its buckets weighing up to its token perplexity.
+    by_position = on_disk["loss_by_position"]
+    assert set(by_position) == {"t_rolling", "t_lastword", "t_nextsentence"}  # t_complete only generates
+    for task, rows in by_position.items():
+        tokens = sum(row["tokens"] for row in rows)
+        assert tokens == results["engine"]["scored_tokens"][task]
+        mean_nll = sum(row["tokens"] * row["mean_nll"] for row in rows) / tokens
+        if task != "t_nextsentence":  # multiple choice has no token perplexity
+            assert np.exp(mean_nll) == pytest.approx(results["results"][task]["token_perplexity,none"], rel=1e-5)
 
 
 def encode_like_lm_eval(checkpoint, context, continuation):
@@ -94,9 +103,9 @@ def test_generation_equals_naive_decode_cut_at_until(reference, checkpoint):
 
 
 def test_generate_until_stops_at_a_stop_string(checkpoint):
+    from conftest import naive_greedy_decode
     from lm_eval.api.instance import Instance
 
-    from conftest import naive_greedy_decode
     from mlflow_lmeval.engine.loop import EngineSettings
     from mlflow_lmeval.lm import JaxLM
 
@@ -116,7 +125,9 @@ def test_generate_until_stops_at_a_stop_string(checkpoint):
                          ids=["chunk7", "fixed-context", "batch3"])
 def test_settings_give_the_same_per_request_results(reference, checkpoint, local_tasks, tmp_path, overrides):
     _, expected = reference
-    _, samples = run(checkpoint.path, local_tasks, tmp_path, **overrides)
+    results, samples = run(checkpoint.path, local_tasks, tmp_path, **overrides)
+    if overrides.get("use_infinite_eval") is False:
+        assert results["loss_by_position"]["mode"] == "windowed"  # says why there is no table
     for task in expected:
         for got, want in zip(samples[task], expected[task]):
             if task == "t_complete":

@@ -66,13 +66,17 @@ def repo(tmp_path_factory):
 def test_repro_writes_every_output(repo):
     for path in ["data/prepared/tokenizer.model", "data/tasks/heldout_rolling.yaml", "checkpoints/step_6/metadata.json",
                  "checkpoints/step_12/metadata.json", "results/step_6/results.json", "results/step_12/results.json",
-                 "metrics/step_12.json", "reports/metrics_by_step.csv", "reports/metrics_by_step.png"]:
+                 "metrics/step_12.json", "reports/metrics_by_step.csv", "reports/metrics_by_step.png",
+                 "reports/loss_by_position.csv", "reports/loss_by_position.png"]:
         assert (repo / path).is_file(), path
     results = json.loads((repo / "results/step_12/results.json").read_text())
     assert results["checkpoint"]["step"] == 12
     assert set(results["results"]) == {"heldout_rolling", "heldout_lastword", "heldout_nextsentence", "heldout_complete"}
     rows = (repo / "reports/metrics_by_step.csv").read_text().splitlines()
     assert rows[0].startswith("checkpoint,step,") and len(rows) == 3
+    by_position = (repo / "reports/loss_by_position.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in by_position[1:]} == {"step_6", "step_12"}  # recurrent mode: both tabled
+    assert set(results["loss_by_position"]) == {"heldout_rolling", "heldout_lastword", "heldout_nextsentence"}
 
 
 def mlflow_state(repo: Path, db: str = "mlflow.db"):

@@ -69,7 +69,7 @@ def test_complete_cache_computes_nothing_and_other_checkpoints_never_hit(checkpo
 def test_corrupt_cache_is_rebuilt_not_trusted(tmp_path):
     path = tmp_path / "r.sqlite"
     cache = ResponseCache(path)
-    cache.put_pieces("ns", [(b"k", 0, -1.0, 1, True)])
+    cache.put_pieces("ns", [(b"k", 0, -1.0, 1, True, "[]")])
     cache.close()
     with open(path, "r+b") as handle:  # tear the file: overwrite its middle
         handle.seek(100)
@@ -131,7 +131,7 @@ def test_kill_9_then_the_same_command_resumes_with_identical_results(checkpoint,
 def test_cache_clear_command(tmp_path):
     path = tmp_path / "r.sqlite"
     cache = ResponseCache(path)
-    cache.put_pieces("ns", [(b"k", 0, -1.0, 1, True), (b"k", 1, -2.0, 1, False)])
+    cache.put_pieces("ns", [(b"k", 0, -1.0, 1, True, "[]"), (b"k", 1, -2.0, 1, False, "[]")])
     cache.close()
     out = subprocess.run([sys.executable, "-m", "mlflow_lmeval.cli", "cache", "clear", "--cache_path", str(path)],
                          capture_output=True, text=True, timeout=120)

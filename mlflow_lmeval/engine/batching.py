@@ -15,7 +15,6 @@ from absl import flags
 
 from .requests import Piece
 
-
 SHORTEST_BUCKET = 16  # a padded length; shorter rows share it, so tiny requests add no shapes
 
 
@@ -46,7 +45,8 @@ class MaterializeBatch:
     """BatchPlan -> dict of numpy arrays with ``batch_size`` rows (padding rows have document 0).
 
     inputs, targets: int32 [B, L]; valid: real positions; scored: positions whose target counts;
-    last: index of each row's last real position; document_idx, sequence_idx, state_idx: int32 [B].
+    last: index of each row's last real position; document_idx, sequence_idx, state_idx,
+    first_position: int32 [B].
     A plain class, so grain can pickle it into worker processes.
     """
 
@@ -65,6 +65,7 @@ class MaterializeBatch:
             "document_idx": np.zeros((rows,), np.int32),
             "sequence_idx": np.zeros((rows,), np.int32),
             "state_idx": np.zeros((rows,), np.int32),
+            "first_position": np.zeros((rows,), np.int32),
         }
         for row, index in enumerate(plan.piece_indices):
             piece = self.pieces[index]
@@ -77,6 +78,7 @@ class MaterializeBatch:
             batch["document_idx"][row] = piece.document_idx
             batch["sequence_idx"][row] = piece.sequence_idx
             batch["state_idx"][row] = piece.state_idx
+            batch["first_position"][row] = piece.first_position
         return batch
 
 

@@ -2,7 +2,8 @@
 
 Scoring is cached per piece (a request's window in windowed mode), generation per request, both
 under a namespace of everything outside the request that decides its result (see
-``response_cache``). Without a cache or a checkpoint fingerprint every call goes straight to the
+``response_cache``). A stored piece carries its loss by position, so a cached response gives
+results.json the same table as a fresh one. Without a cache or a checkpoint fingerprint every call goes straight to the
 engine: live params have no identity.
 """
 
@@ -13,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..response_cache import ResponseCache, namespace, request_key
+from . import positions
 from .fuse import DocumentResults, PieceResults, fuse_document_results
 from .loop import Engine
 from .requests import piece_counts
@@ -41,7 +43,11 @@ class CachedEngine:
         slots = [(d, q) for d, count in enumerate(counts, start=1) for q in range(count)]
         keys = [request_key(self.namespace, context, continuation) for context, continuation in requests]
         stored = self.cache.get_pieces((keys[d - 1], q) for d, q in slots)
-        found = [(d, q, *stored[keys[d - 1], q]) for d, q in slots if (keys[d - 1], q) in stored]
+        found = []
+        for d, q in slots:
+            if (keys[d - 1], q) in stored:
+                loglik, num_tokens, greedy, by_position = stored[keys[d - 1], q]
+                found.append((d, q, loglik, num_tokens, greedy, *positions.decode(by_position)))
         parts = [PieceResults(*(np.array(column) for column in zip(*found)))] if found else []
         done = {(d, q) for d, q, *_ in found}
         # None (everything) keeps the command that process 0 broadcasts small on a cold cache.
@@ -50,7 +56,8 @@ class CachedEngine:
         def store(part: PieceResults) -> None:
             """One transaction per batch: a crash loses at most the batch in flight."""
             self.cache.put_pieces(self.namespace, [
-                (keys[part.document_idx[i] - 1], part.sequence_idx[i], part.loglik[i], part.num_tokens[i], part.greedy[i])
+                (keys[part.document_idx[i] - 1], part.sequence_idx[i], part.loglik[i], part.num_tokens[i], part.greedy[i],
+                 positions.encode(part.position_nll[i], part.position_tokens[i]))
                 for i in np.flatnonzero(part.document_idx > 0)
             ])
 

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from .positions import NUM_BUCKETS
+
 
 @dataclasses.dataclass(frozen=True)
 class PieceResults:
@@ -16,10 +18,13 @@ class PieceResults:
     loglik: np.ndarray  # float [N], sum of scored target log-probabilities
     num_tokens: np.ndarray  # int [N], scored targets
     greedy: np.ndarray  # bool [N], every scored target was the argmax
+    position_nll: np.ndarray  # float [N, K], sum of scored target NLL per position bucket (positions.py)
+    position_tokens: np.ndarray  # int [N, K], scored targets per position bucket
 
     @staticmethod
     def concatenate(parts: list["PieceResults"]) -> "PieceResults":
-        empty = PieceResults(*(np.zeros(0, dtype) for dtype in (np.int64, np.int64, np.float64, np.int64, bool)))
+        empty = PieceResults(*(np.zeros(0, dtype) for dtype in (np.int64, np.int64, np.float64, np.int64, bool)),
+                             np.zeros((0, NUM_BUCKETS), np.float64), np.zeros((0, NUM_BUCKETS), np.int64))
         fields = [f.name for f in dataclasses.fields(PieceResults)]
         return PieceResults(*(np.concatenate([getattr(p, name) for p in [empty, *parts]]) for name in fields))
 
@@ -29,10 +34,14 @@ class DocumentResults:
     loglik: np.ndarray  # float64 [D]
     num_tokens: np.ndarray  # int64 [D]
     greedy: np.ndarray  # bool [D]
+    # The loss by position (positions.py); None from a scorer that does not record it.
+    position_nll: np.ndarray | None = None  # float64 [D, K]
+    position_tokens: np.ndarray | None = None  # int64 [D, K]
 
 
 def fuse_document_results(results: PieceResults, pieces_per_document: np.ndarray) -> DocumentResults:
-    """Sum log-likelihoods and token counts per document; greedy only if every piece was greedy.
+    """Sum log-likelihoods, token counts and the loss by position per document; greedy only if
+    every piece was greedy.
 
     ``pieces_per_document[d]`` is how many pieces document ``d + 1`` was cut into. Raises
     ValueError when a piece is missing or appears twice.
@@ -56,4 +65,8 @@ def fuse_document_results(results: PieceResults, pieces_per_document: np.ndarray
     loglik = np.bincount(document, weights=results.loglik[real].astype(np.float64), minlength=num_documents)
     num_tokens = np.bincount(document, weights=results.num_tokens[real], minlength=num_documents).astype(np.int64)
     not_greedy = np.bincount(document, weights=~results.greedy[real], minlength=num_documents)
-    return DocumentResults(loglik, num_tokens, not_greedy == 0)
+    position_nll = np.zeros((num_documents, NUM_BUCKETS), np.float64)
+    position_tokens = np.zeros((num_documents, NUM_BUCKETS), np.int64)
+    np.add.at(position_nll, document, results.position_nll[real])
+    np.add.at(position_tokens, document, results.position_tokens[real])
+    return DocumentResults(loglik, num_tokens, not_greedy == 0, position_nll, position_tokens)

@@ -22,8 +22,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..errors import UserError
 from ..models.protocol import LanguageModel
 from . import distributed, step
-from .batching import (SHORTEST_BUCKET, BatchPlan, MaterializeBatch, batch_stream, plan_batches, power_of_two_bucket,
-                       round_up)
+from .batching import (
+    SHORTEST_BUCKET,
+    BatchPlan,
+    MaterializeBatch,
+    batch_stream,
+    plan_batches,
+    power_of_two_bucket,
+    round_up,
+)
 from .fuse import DocumentResults, PieceResults, fuse_document_results
 from .requests import Piece, make_pieces, piece_counts, share_contexts
 from .step import Chunk, Totals
@@ -116,8 +123,11 @@ class Engine:
             self.params = jax.device_put(model.params, self._replicated)
         self.traces = 0  # times jit traced the step or the decode (each new shape is one)
         self.model_tokens = 0  # real (unpadded) tokens the model has processed
-        self._step = jax.jit(self._counted(functools.partial(step.score_chunk, model.apply, settings.scale_logits)),
-                             donate_argnums=(1, 2))
+        # The loss by position needs each target's position in its request, which only recurrent
+        # mode keeps: a window's position says how much context the window had, not the request.
+        self.by_position = self.mode == "recurrent"
+        score = functools.partial(step.score_chunk, model.apply, settings.scale_logits, self.by_position)
+        self._step = jax.jit(self._counted(score), donate_argnums=(1, 2))
         self._decode = jax.jit(self._counted(functools.partial(step.decode, model.apply)), static_argnums=(3,))
         if self._leads:
             distributed.send("engine", settings)
@@ -178,13 +188,14 @@ class Engine:
         # One transfer per batch and one per chunk: on CPU each call costs about as much as a
         # small step, so the arrays of a step travel together.
         fresh = self.model.init_state(rows) if states is None and self.model.has_state else None
-        totals, last, state = self._put((Totals.zeros(rows), batch["last"], fresh), self._rows)
+        totals, last, first, state = self._put((Totals.zeros(rows), batch["last"], batch["first_position"], fresh),
+                                               self._rows)
         if states is not None:
             state = jax.device_put(states.take(batch["state_idx"]), self._rows)
         width = min(self.settings.chunk_size, length) if self.model.has_state else length
         for start in range(0, length, width):
             chunk = self._put(Chunk(*(batch[name][:, start : start + width] for name in Chunk._fields)), self._rows)
-            state, totals = self._step(self.params, state, totals, chunk, np.int32(start), last)
+            state, totals = self._step(self.params, state, totals, chunk, np.int32(start), last, first)
         return state, totals
 
     def _run(self, pieces: list[Piece], on_batch: Callable[[dict, Totals, object], None], states=None) -> None:
@@ -220,7 +231,8 @@ class Engine:
 
     # ---- scoring --------------------------------------------------------------------------------
     def score(self, requests: list[tuple[list[int], list[int]]]) -> DocumentResults:
-        """(context, continuation) token lists -> per-request log-likelihood, token count, greedy."""
+        """(context, continuation) token lists -> per-request log-likelihood, token count, greedy
+        and (recurrent mode; zeros in windowed mode) the loss by position."""
         parts = self.score_slots(requests)
         return fuse_document_results(PieceResults.concatenate(parts), piece_counts(requests, self.max_length))
 
@@ -251,7 +263,8 @@ class Engine:
             bad = totals.nonfinite & (batch["document_idx"] > 0)
             if bad.any():
                 raise NonFiniteLogits(int(batch["document_idx"][np.argmax(bad)]))
-            part = PieceResults(batch["document_idx"], batch["sequence_idx"], totals.loglik, totals.num_tokens, totals.greedy)
+            part = PieceResults(batch["document_idx"], batch["sequence_idx"], totals.loglik, totals.num_tokens, totals.greedy,
+                                totals.position_nll, totals.position_tokens)
             parts.append(part)
             if on_batch is not None:
                 on_batch(part)

@@ -20,7 +20,8 @@ class Piece:
 
     ``document_idx`` is 1-based (0 marks a padding row); ``sequence_idx`` orders the pieces of
     one document. ``state_idx`` names the recurrent state the row starts from: 0 is a fresh
-    state, k > 0 the state after the k-th shared context prefix.
+    state, k > 0 the state after the k-th shared context prefix. ``first_position`` is the index of
+    ``targets[0]`` in the request's token sequence (for the loss by position).
     """
 
     document_idx: int
@@ -29,6 +30,7 @@ class Piece:
     targets: np.ndarray  # int32 [L]
     num_scored: int
     state_idx: int = 0
+    first_position: int = 1
 
     @property
     def length(self) -> int:
@@ -47,7 +49,8 @@ def window_pieces(document_idx: int, context: list[int], continuation: list[int]
         end = min(start + max_length, len(sequence))
         first_input = max(0, end - 1 - max_length)
         pieces.append(
-            Piece(document_idx, index, sequence[first_input : end - 1], sequence[first_input + 1 : end], end - start)
+            Piece(document_idx, index, sequence[first_input : end - 1], sequence[first_input + 1 : end], end - start,
+                  first_position=first_input + 1)
         )
     return pieces
 
@@ -75,7 +78,8 @@ def share_contexts(requests: list[tuple[list[int], list[int]]]) -> tuple[list[np
             pieces.append(whole_piece(document_idx, context, continuation))
         else:
             inputs = np.asarray(context[-1:] + continuation[:-1], np.int32)
-            pieces.append(Piece(document_idx, 0, inputs, np.asarray(continuation, np.int32), len(continuation), prefix))
+            pieces.append(Piece(document_idx, 0, inputs, np.asarray(continuation, np.int32), len(continuation), prefix,
+                                first_position=len(context)))
     return prefixes, pieces
 
 

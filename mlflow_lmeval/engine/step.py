@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .positions import FIRST_END_BITS, NUM_BUCKETS
+
 # The seed's "debug" setting: a random model's logits shrunk so every log-probability is finite.
 LOGIT_SCALE = 1e-3
 
@@ -37,21 +39,41 @@ class Totals(NamedTuple):
     greedy: jax.Array  # bool [B]: every scored target had the top logit
     nonfinite: jax.Array  # bool [B]: some scored log-probability was NaN or inf
     next_token: jax.Array  # int32 [B]: argmax after the row's last real position (the first generated token)
+    position_nll: jax.Array  # float32 [B, K]: sum of the scored targets' NLL per position bucket (positions.py)
+    position_tokens: jax.Array  # int32 [B, K]: scored targets per position bucket
 
     @staticmethod
     def zeros(rows: int) -> "Totals":
         """Host arrays, so that they reach the device in the same transfer as the batch."""
         return Totals(np.zeros((rows,), np.float32), np.zeros((rows,), np.int32), np.ones((rows,), bool),
-                      np.zeros((rows,), bool), np.zeros((rows,), np.int32))
+                      np.zeros((rows,), bool), np.zeros((rows,), np.int32),
+                      np.zeros((rows, NUM_BUCKETS), np.float32), np.zeros((rows, NUM_BUCKETS), np.int32))
 
 
-def score_chunk(apply: Apply, scale_logits: bool, params, state, totals: Totals, chunk: Chunk,
-                offset: jax.Array, last: jax.Array) -> tuple[Any, Totals]:
+def position_bucket(position: jax.Array) -> jax.Array:
+    """``positions.bucket_of`` on the device: 0 below 64, then one bucket per power of two."""
+    bit_length = 32 - jax.lax.clz(position.astype(jnp.int32))
+    return jnp.clip(bit_length - FIRST_END_BITS, 0, NUM_BUCKETS - 1)
+
+
+def position_sums(nll: jax.Array, scored: jax.Array, position: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row sums per position bucket of ``nll`` (float32 [B, C]) where ``scored`` (bool [B, C]);
+    ``position`` (int32 [B, C]) is each target's index in its request. Returns ([B, K], [B, K])."""
+    # A one-hot [B, C, K] mask: K is small, so this costs a fraction of the [B, C, V] logits.
+    in_bucket = (position_bucket(position)[..., None] == jnp.arange(NUM_BUCKETS)) & scored[..., None]
+    return (jnp.where(in_bucket, nll[..., None], 0.0).sum(1),
+            in_bucket.sum(1, dtype=jnp.int32))
+
+
+def score_chunk(apply: Apply, scale_logits: bool, by_position: bool, params, state, totals: Totals, chunk: Chunk,
+                offset: jax.Array, last: jax.Array, first_position: jax.Array) -> tuple[Any, Totals]:
     """One chunk through the model, added to ``totals``; returns (state after the chunk, totals).
 
     ``offset`` (int32 scalar) is the chunk's first position in the batch; ``last`` (int32 [B]) is
-    each row's last real position, where the next token is read. ``state`` is the model's pytree
-    (None for a stateless model).
+    each row's last real position, where the next token is read; ``first_position`` (int32 [B]) is
+    the index in its request of each row's first target. ``state`` is the model's pytree (None for
+    a stateless model). ``by_position`` (static) adds the loss by position; without it those totals
+    stay as they are.
     """
     logits, state = apply(params, chunk.inputs, state, chunk.valid)
     logits = logits.astype(jnp.float32)  # [B, C, V]
@@ -68,12 +90,19 @@ def score_chunk(apply: Apply, scale_logits: bool, params, state, totals: Totals,
     ends_here = (last >= offset) & (last < offset + width)
     last_logits = jnp.take_along_axis(logits, in_chunk[:, None, None], axis=1)[:, 0]
     scored = chunk.scored
+    position_nll, position_tokens = totals.position_nll, totals.position_tokens
+    if by_position:
+        position = first_position[:, None] + offset + jnp.arange(width, dtype=jnp.int32)
+        nll, count = position_sums(-target_log_probs, scored, position)
+        position_nll, position_tokens = position_nll + nll, position_tokens + count
     return state, Totals(
         loglik=totals.loglik + jnp.where(scored, target_log_probs, 0.0).sum(-1),
         num_tokens=totals.num_tokens + scored.sum(-1, dtype=jnp.int32),
         greedy=totals.greedy & jnp.all(~scored | is_greedy, axis=-1),
         nonfinite=totals.nonfinite | jnp.any(scored & ~jnp.isfinite(target_log_probs), axis=-1),
         next_token=jnp.where(ends_here, jnp.argmax(last_logits, axis=-1).astype(jnp.int32), totals.next_token),
+        position_nll=position_nll,
+        position_tokens=position_tokens,
     )
 
 

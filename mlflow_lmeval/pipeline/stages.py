@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ..compare_report import write_consecutive_comparisons
 from ..errors import UserError
-from ..results_file import RESULTS_FILE
+from ..results_file import RESULTS_FILE, evaluated_step, loss_by_position, read_results, recorded_training_run_id
 from ..tracking import http_limits, resolve_tracking_uri, sync
+from ..tracking.position_loss import draw_curves
 
 PREPARED = Path("data/prepared")
 TASKS = Path("data/tasks")
@@ -157,14 +158,34 @@ def publish(params) -> None:
 
 # ---- report -----------------------------------------------------------------------------------------
 def collect_results(directory: Path = RESULTS) -> list[dict]:
+    """One row per results dir: checkpoint (the dir's name), step, and ``<task>/<metric>`` values."""
     rows = []
     for path in sorted(directory.glob(f"*/{RESULTS_FILE}")):
-        results = json.loads(path.read_text())
-        row = {"checkpoint": path.parent.name, "step": results["checkpoint"]["step"]}
+        results = read_results(path.parent)
+        row = {"checkpoint": path.parent.name, "step": evaluated_step(results)}
         for task, metrics in flat_metrics(results).items():
             row.update({f"{task}/{metric}": value for metric, value in metrics.items()})
         rows.append(row)
     return sorted(rows, key=lambda r: (r["step"], r["checkpoint"]))
+
+
+def write_loss_by_position(rows: list[dict], directory: Path = RESULTS) -> tuple[Path, Path]:
+    """reports/loss_by_position.csv (checkpoint, step, task and one position bucket per line) and
+    its chart, one line per checkpoint in each task's panel. ``rows`` are ``collect_results``'s,
+    in step order. Both are written even when no evaluation has a table (windowed mode): DVC
+    expects every declared output."""
+    table, panels = [], {}
+    for row in rows:
+        for task, buckets in loss_by_position(read_results(directory / row["checkpoint"])).items():
+            panels.setdefault(task, {})[f"step {row['step']}"] = buckets
+            table.extend({"checkpoint": row["checkpoint"], "step": row["step"], "task": task, **b} for b in buckets)
+    csv_path, png_path = REPORTS / "loss_by_position.csv", REPORTS / "loss_by_position.png"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["checkpoint", "step", "task", "start", "end", "tokens", "mean_nll"])
+        writer.writeheader()
+        writer.writerows(table)
+    draw_curves(panels, png_path)
+    return csv_path, png_path
 
 
 def report(params) -> None:
@@ -179,6 +200,7 @@ def report(params) -> None:
         writer.writerows(rows)
     _plot(rows, columns, REPORTS / "metrics_by_step.png")
     print(f"wrote {REPORTS / 'metrics_by_step.csv'} and {REPORTS / 'metrics_by_step.png'} ({len(rows)} checkpoints)")
+    print("wrote {} and {}".format(*write_loss_by_position(rows)))
     # Is each checkpoint better than the one before, on the same documents? (paired tests)
     by_step = {row["step"]: RESULTS / row["checkpoint"] for row in rows}
     written = write_consecutive_comparisons(by_step, REPORTS / "comparisons", strict=False)
@@ -189,10 +211,10 @@ def report(params) -> None:
 
 
 def _log_report_to_training_runs(params) -> None:
-    """Attach the chart to each training run that produced an evaluated checkpoint."""
+    """Attach the charts and tables to each training run that produced an evaluated checkpoint."""
     import warnings
 
-    run_ids = {json.loads(p.read_text())["checkpoint"].get("mlflow_run_id") for p in RESULTS.glob(f"*/{RESULTS_FILE}")} - {None}
+    run_ids = {recorded_training_run_id(read_results(p.parent)) for p in RESULTS.glob(f"*/{RESULTS_FILE}")} - {None}
     if not run_ids:
         return
     from mlflow import MlflowClient
@@ -202,8 +224,8 @@ def _log_report_to_training_runs(params) -> None:
         with http_limits():
             client = MlflowClient(uri)
             for run_id in sorted(run_ids):
-                client.log_artifact(run_id, str(REPORTS / "metrics_by_step.png"), "report")
-                client.log_artifact(run_id, str(REPORTS / "metrics_by_step.csv"), "report")
+                for name in ("metrics_by_step.png", "metrics_by_step.csv", "loss_by_position.png", "loss_by_position.csv"):
+                    client.log_artifact(run_id, str(REPORTS / name), "report")
     except Exception as error:  # noqa: BLE001 - the report on disk is the deliverable; MLflow is a copy
         warnings.warn(f"could not attach the report to the training run in {uri}: {str(error).splitlines()[0]}")
 

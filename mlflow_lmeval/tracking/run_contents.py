@@ -20,6 +20,7 @@ from ..results_file import RESULTS_FILE, checkpoint_section, live_section, write
 from . import store
 from .identity import evaluation_timestamp_ms, task_digest
 from .keys import flatten_params, results_table, task_metrics, task_sections
+from .position_loss import position_metrics, write_position_plot
 from .redact import env_secrets, redact, scrub_text
 from .uri import project_root
 
@@ -37,6 +38,7 @@ def complete_run(client, run, results_dir: Path, results: dict, identity: Mappin
     params = [Param(k, v) for k, v in params.items() if k not in run.data.params]
     timestamp = evaluation_timestamp_ms(results, results_dir / RESULTS_FILE)
     metrics = _metric_entities(results, step, timestamp, model_id, skip=run.data.metrics)
+    metrics += position_metrics(results, timestamp, skip=run.data.metrics)  # their step is a position
     tags = store.tag_list(_run_tags(results, identity, training_run_id, step, model_id))
     store.log_batch(client, run_id, params=params, tags=tags)
     store.retry_on_conflict(lambda: client.log_inputs(run_id, datasets=_dataset_inputs(results),
@@ -133,7 +135,8 @@ def _description(results: Mapping[str, Any]) -> str | None:
 
 
 def write_artifacts(directory: Path, results_dir: Path, results: Mapping[str, Any]) -> None:
-    """Redacted copies of everything the run should carry: results, table, config, samples."""
+    """Redacted copies of everything the run should carry: results, table, config, the loss by
+    position's chart, samples."""
     secrets = env_secrets()
     clean = redact(results, secrets=secrets)
     write_results_file(directory, clean)
@@ -149,6 +152,7 @@ def write_artifacts(directory: Path, results_dir: Path, results: Mapping[str, An
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    write_position_plot(directory, results)
     samples = sorted(results_dir.glob("samples_*.jsonl"))
     if samples:
         (directory / "samples").mkdir()
