@@ -163,8 +163,7 @@ def write_results(output: dict, output_path: str | os.PathLike) -> Path:
         samples = output.pop("samples", None) or {}
         for task, records in samples.items():
             with open(directory / f"samples_{safe_name(task)}.jsonl", "w", encoding="utf-8") as handle:
-                for record in json_safe(records):
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in json_safe(records))
         return write_results_file(directory, json_safe(output))
     except OSError as error:
         raise UserError(f"cannot write results to {directory}: {error.strerror or error}") from None

@@ -42,7 +42,7 @@ class JaxLM(TemplateLM):
         self,
         model: LanguageModel,
         tokenizer: Tokenizer,
-        settings: EngineSettings = EngineSettings(),
+        settings: EngineSettings = EngineSettings(),  # noqa: B008 (frozen: one shared default is safe)
         chat_template: bool | str = False,
         show_progress: bool = True,
         cache=None,

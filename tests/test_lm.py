@@ -13,8 +13,8 @@ from mlflow_lmeval.evaluation import evaluate
 def run(checkpoint_path, local_tasks, tmp_path, **overrides):
     directory, names = local_tasks
     # No response cache: every run here must compute its results, or the comparisons are vacuous.
-    config = dict(evaluation_tasks=names, include_path=str(directory), limit_requests=6, log_samples=True,
-                  output_path=str(tmp_path), bootstrap_iters=0, response_cache=False)
+    config = {"evaluation_tasks": names, "include_path": str(directory), "limit_requests": 6, "log_samples": True,
+                  "output_path": str(tmp_path), "bootstrap_iters": 0, "response_cache": False}
     config.update(overrides)
     results = evaluate(checkpoint_path, EvalConfig.from_dict(config), show_progress=False)
     samples = {
@@ -31,7 +31,7 @@ def reference(checkpoint, local_tasks, tmp_path_factory):
 
 def test_results_have_every_metric(reference, local_tasks):
     results, _ = reference
-    _, names = local_tasks
+    _, _names = local_tasks
     expected = {
         "t_rolling": ["word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"],
         "t_lastword": ["perplexity,none", "acc,none"],
@@ -121,7 +121,7 @@ def test_generate_until_stops_at_a_stop_string(checkpoint):
     assert lm.generate_until(requests) == expected
 
 
-@pytest.mark.parametrize("overrides", [dict(infinite_eval_chunksize=7), dict(use_infinite_eval=False, context_length=4096), dict(batch_size=3)],
+@pytest.mark.parametrize("overrides", [{"infinite_eval_chunksize": 7}, {"use_infinite_eval": False, "context_length": 4096}, {"batch_size": 3}],
                          ids=["chunk7", "fixed-context", "batch3"])
 def test_settings_give_the_same_per_request_results(reference, checkpoint, local_tasks, tmp_path, overrides):
     _, expected = reference

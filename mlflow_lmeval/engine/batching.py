@@ -8,7 +8,7 @@ never on the number of requests.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from absl import flags

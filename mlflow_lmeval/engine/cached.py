@@ -9,7 +9,7 @@ engine: live params have no identity.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -71,7 +71,7 @@ class DistributedSettings:
 
     @classmethod
     def from_env(cls, coordinator_address=None, num_processes=None, process_id=None, auto=False,
-                 join_timeout_s: int = 300) -> "DistributedSettings":
+                 join_timeout_s: int = 300) -> DistributedSettings:
         """Explicit values win; missing ones come from the environment. JAX_COORDINATOR_ADDRESS
         alone does not start a distributed run: it may be set for some other program."""
         num_processes = num_processes if num_processes is not None else _env_int(NUM_PROCESSES_ENV)
@@ -85,7 +85,7 @@ class DistributedSettings:
             join_timeout_s=join_timeout_s,
         ).validate()
 
-    def validate(self) -> "DistributedSettings":
+    def validate(self) -> DistributedSettings:
         if self.num_processes is not None and self.num_processes < 1:
             raise UserError(f"num_processes must be a positive integer, got {self.num_processes}")
         if self.process_id is not None and self.process_id < 0:

@@ -22,7 +22,7 @@ class PieceResults:
     position_tokens: np.ndarray  # int [N, K], scored targets per position bucket
 
     @staticmethod
-    def concatenate(parts: list["PieceResults"]) -> "PieceResults":
+    def concatenate(parts: list[PieceResults]) -> PieceResults:
         empty = PieceResults(*(np.zeros(0, dtype) for dtype in (np.int64, np.int64, np.float64, np.int64, bool)),
                              np.zeros((0, NUM_BUCKETS), np.float64), np.zeros((0, NUM_BUCKETS), np.int64))
         fields = [f.name for f in dataclasses.fields(PieceResults)]

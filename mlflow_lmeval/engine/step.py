@@ -7,7 +7,8 @@ chunk's positions, ``V`` for the vocabulary and ``N`` for the rows of a state ta
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ class Totals(NamedTuple):
     position_tokens: jax.Array  # int32 [B, K]: scored targets per position bucket
 
     @staticmethod
-    def zeros(rows: int) -> "Totals":
+    def zeros(rows: int) -> Totals:
         """Host arrays, so that they reach the device in the same transfer as the batch."""
         return Totals(np.zeros((rows,), np.float32), np.zeros((rows,), np.int32), np.ones((rows,), bool),
                       np.zeros((rows,), bool), np.zeros((rows,), np.int32),

@@ -11,8 +11,9 @@ MLflow imported lazily (see store.py); matplotlib too: 1.1-1.4 s measured on thi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..results_file import loss_by_position
 from .keys import mlflow_key

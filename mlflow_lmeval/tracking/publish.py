@@ -14,8 +14,8 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from ..errors import UserError
 from ..results_file import (

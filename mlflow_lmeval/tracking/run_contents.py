@@ -11,9 +11,10 @@ import csv
 import json
 import subprocess
 import tempfile
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..dvc_context import dvc_context_tags
 from ..results_file import RESULTS_FILE, checkpoint_section, live_section, write_results_file
@@ -97,7 +98,7 @@ def _lm_eval_version(results: Mapping[str, Any]) -> str | None:
         return str(results["lm_eval_version"])
     try:
         return version("lm_eval")
-    except Exception:  # noqa: BLE001 - a missing version is only a missing tag
+    except Exception:  # a missing version is only a missing tag
         return None
 
 
@@ -129,7 +130,7 @@ def _description(results: Mapping[str, Any]) -> str | None:
         text = make_table(tables)
         if tables.get("groups"):
             text += "\n" + make_table(tables, "groups")
-    except Exception:  # noqa: BLE001 - a description is a nicety; the metrics and the table artifact hold it all
+    except Exception:  # a description is a nicety; the metrics and the table artifact hold it all
         return None
     return text
 
@@ -159,6 +160,5 @@ def write_artifacts(directory: Path, results_dir: Path, results: Mapping[str, An
     for source in samples:
         with open(source, encoding="utf-8", errors="replace") as reader, \
                 open(directory / "samples" / source.name, "w", encoding="utf-8") as writer:
-            for line in reader:
-                writer.write(scrub_text(line, secrets))
+            writer.writelines(scrub_text(line, secrets) for line in reader)
 
