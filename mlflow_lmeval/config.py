@@ -27,6 +27,7 @@ SCORE_EFFECTS = (RESPONSES, REQUESTS, STATISTICS)
 
 # Recurrent: whole documents, the model's state carried over chunks; windowed: fixed-context windows.
 MODES = ("recurrent", "windowed")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,10 @@ class EvalConfig:
     mode: str = _field("recurrent", Setting(
         RESPONSES, "--mode", "mode", "mode", choices=MODES,
         help="recurrent: whole documents, the state carried over chunks; windowed: fixed-context windows"))
+    # The weights' dtype in memory; the recurrent state keeps the model's own (xLSTM: inference_state_dtype).
+    dtype: str = _field("float32", Setting(
+        RESPONSES, "--dtype", "dtype", "dtype", choices=DTYPES,
+        help="the weights' dtype while evaluating (the recurrent state keeps its own)"))
     infinite_eval_chunksize: int = _field(64, Setting(
         None, "--chunk_size", "chunk_size", "chunk_size", help="tokens per recurrent step"))
     context_length: int | None = _field(None, Setting(
@@ -180,6 +185,7 @@ class EvalConfig:
 
         require(all(isinstance(t, str) and t for t in self.evaluation_tasks), "evaluation_tasks", "must be task names")
         require(self.mode in MODES, "mode", f"must be {' or '.join(MODES)}")
+        require(self.dtype in DTYPES, "dtype", f"must be {' or '.join(DTYPES)}")
         for f in dataclasses.fields(self):
             if f.type == "bool":
                 require(isinstance(getattr(self, f.name), bool), f.name, "must be true or false")

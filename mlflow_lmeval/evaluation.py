@@ -216,7 +216,7 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, st
     results dict, JSON-safe. ``step`` overrides the checkpoint's own (its metadata, or the
     directory's step_N / checkpoint-N name)."""
     config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
-    loaded = load_any(checkpoint_dir)
+    loaded = load_any(checkpoint_dir, dtype=config.dtype)
     tokenizer = Tokenizer.load(config.tokenizer_path) if config.tokenizer_path else loaded.tokenizer
     checkpoint_info = {
         "path": str(loaded.path),

@@ -33,9 +33,9 @@ def default_path() -> Path:
     return cache_root() / FILE_NAME
 
 
-def namespace(fingerprint: str, mode: str, scale_logits: bool) -> str:
+def namespace(fingerprint: str, mode: str, scale_logits: bool, dtype: str) -> str:
     """Everything outside the request that decides its score."""
-    return hashlib.sha256(json.dumps([SCHEMA_VERSION, fingerprint, mode, scale_logits]).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps([SCHEMA_VERSION, fingerprint, mode, scale_logits, dtype]).encode()).hexdigest()[:32]
 
 
 def request_key(namespace_: str, *parts) -> bytes:

@@ -75,3 +75,20 @@ def test_cli_evaluates_a_hf_directory(loaded, tmp_path):
     assert results["checkpoint"]["fingerprint"] == loaded.fingerprint and results["checkpoint"]["step"] == 12
     assert results["checkpoint"]["hf_config"] == loaded.hf_config
     assert results["n-samples"]["tiny"]["effective"] == 3 and "acc,none" in results["results"]["tiny"]
+
+
+def test_bfloat16_weights_are_a_keyed_setting_close_to_float32(tmp_path):
+    """--dtype bfloat16 evaluates the same weights in bfloat16: close to float32, not equal, and the
+    response cache keeps the two apart (a cache blind to dtype would hand back float32's numbers)."""
+    write_task(tmp_path / "tasks", "tiny", b"".join(
+        json.dumps({"text": text}).encode() + b"\n" for text in ("hello world", "the cat sat", "a b c d")))
+    base = {"evaluation_tasks": ["tiny"], "include_path": str(tmp_path / "tasks"), "bootstrap_iters": 0,
+            "response_cache_path": str(tmp_path / "responses.sqlite")}
+
+    def perplexity(dtype):
+        results = mlflow_lmeval.evaluate(SINGLE, {**base, "dtype": dtype, "output_path": str(tmp_path / dtype)})
+        assert results["eval_config"]["dtype"] == dtype
+        return results["results"]["tiny"]["token_perplexity,none"]
+
+    full, half = perplexity("float32"), perplexity("bfloat16")
+    assert half != full and abs(half - full) / full < 0.05, (full, half)

@@ -26,7 +26,7 @@ CHANGED = {
     "batch_size": 4, "worker_buffer_size": 2, "worker_count": 1, "scale_logits": True, "system_instruction": "Be brief.",
     "num_fewshot": 2, "bootstrap_iters": 10, "apply_chat_template": True, "include_path": "/elsewhere",
     "output_path": "/out", "log_samples": True, "response_cache": False, "response_cache_path": "/c.sqlite",
-    "offline": True,
+    "offline": True, "dtype": "bfloat16",
 }
 
 

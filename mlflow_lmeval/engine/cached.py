@@ -32,7 +32,8 @@ class CachedEngine:
     def __init__(self, engine: Engine, cache: ResponseCache | None = None, fingerprint: str | None = None):
         self.engine = engine
         self.cache = cache if fingerprint else None
-        self.namespace = (namespace(fingerprint, scoring_mode(engine), engine.settings.scale_logits)
+        self.namespace = (namespace(fingerprint, scoring_mode(engine), engine.settings.scale_logits,
+                                     engine.settings.dtype)
                           if self.cache is not None else None)
 
     def score(self, requests: list[tuple[list[int], list[int]]]) -> DocumentResults:

@@ -9,6 +9,7 @@ JAX alone took 1.9-3.4 s to import on this machine, and telling formats apart ne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,17 @@ def load_any(path: str | os.PathLike, *, dtype: Any = "float32"):
     """A ``Checkpoint`` or an ``HFCheckpoint``: both offer ``model``, ``tokenizer``, ``path``,
     ``step``, ``fingerprint``, ``mlflow_run_id`` and ``logits(tokens)``.
 
-    ``dtype`` ("float32" or "bfloat16") is the weights' dtype in memory; our own checkpoints are
-    evaluated in the dtypes they were saved in, so only float32 is accepted for them.
+    ``dtype`` ("float32" or "bfloat16") is the weights' dtype in memory: a Hugging Face checkpoint
+    is read straight into it; ours, saved in float32, is cast after loading.
     """
     if checkpoint_format(path) == HUGGING_FACE:
         from .hf import load_hf_checkpoint
 
         return load_hf_checkpoint(path, dtype=dtype)
-    if dtype not in ("float32", None):
-        raise UserError(f"dtype {dtype!r} applies to Hugging Face checkpoints only; {path} is an mlflow_lmeval checkpoint")
     from .checkpoint import load_checkpoint
+    from .protocol import cast_floating
 
-    return load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    # Saved in float32; another dtype is a cast of the same weights (so the fingerprint is unchanged).
+    return checkpoint if dtype in ("float32", None) else dataclasses.replace(
+        checkpoint, params=cast_floating(checkpoint.params, dtype))

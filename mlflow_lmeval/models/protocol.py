@@ -35,6 +35,16 @@ class LanguageModel:
     context_length: int | None = None
 
 
+def cast_floating(params, dtype):
+    """``params`` with every floating-point leaf in ``dtype`` (integer leaves as they are)."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(leaf):
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype else leaf
+
+    return jax.tree.map(cast, params)
+
+
 def full_pass(model: LanguageModel) -> Callable[[Any, jax.Array], jax.Array]:
     """jit-compiled ``(params, tokens[B, T]) -> logits[B, T, V]``: one pass from a fresh state."""
 
