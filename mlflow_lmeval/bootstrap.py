@@ -265,20 +265,13 @@ def bootstrap_replicates(
     return _run_chunks(kernel, iters, chunk, workers, np.empty(iters))
 
 
-def bootstrap_stderr(
-    aggregate: Callable,
-    samples,
-    iters: int,
-    seed: int | None = 1234,
-    chunk_size: int | None = None,
-    workers: int | None = None,
-) -> float:
+def bootstrap_stderr(aggregate: Callable, samples, iters: int, seed: int | None = 1234, **options) -> float:
     """Bootstrap standard error: sample stddev (ddof=1) of the replicates.
 
-    Same estimator as ``lm_eval.api.metrics.bootstrap_stderr``; arguments as
-    in :func:`bootstrap_replicates`.  NaN when fewer than 2 replicates.
+    Same estimator as ``lm_eval.api.metrics.bootstrap_stderr``; arguments (and ``options``:
+    ``chunk_size``, ``workers``) as in :func:`bootstrap_replicates`.  NaN when fewer than 2 replicates.
     """
-    reps = bootstrap_replicates(aggregate, samples, iters, seed, chunk_size, workers)
+    reps = bootstrap_replicates(aggregate, samples, iters, seed, **options)
     if len(reps) < 2:
         return math.nan
     return float(np.std(reps, ddof=1))
