@@ -207,3 +207,9 @@ def test_unreachable_hub_dataset_names_both_ways_out(checkpoint, tmp_path):
     message = str(raised.value)
     assert "task hubtask" in message and "nobody/not_cached_anywhere" in message, message
     assert "go online" in message and "include:" in message and "dataset_path: json" in message, message
+
+
+def test_dtype_is_float32_or_bfloat16():
+    assert EvalConfig().dtype == "float32" and EvalConfig(dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(config_module.UserError, match="^dtype must be float32 or bfloat16, got 'float16'$"):
+        EvalConfig(dtype="float16")
