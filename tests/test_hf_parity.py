@@ -9,6 +9,8 @@ and fixed-context mode (context_length = max_length) on the rolling documents, l
 
 import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,12 +26,8 @@ ROLLING = [task for task, recorded in REFERENCE["tasks"].items() if recorded["ou
 TOLERANCE = 1e-4  # |Δ loglik| per request, float32 on both sides
 
 
-def evaluate(out: Path, tasks: list[str], **settings) -> dict[str, dict[int, dict]]:
+def read_samples(out: Path, tasks: list[str]) -> dict[str, dict[int, dict]]:
     """Our samples (samples_<task>.jsonl) by task and doc_id."""
-    config = dict(evaluation_tasks=tasks, include_path=str(HARNESS / "tasks"), output_path=str(out), log_samples=True,
-                  response_cache=False, cache_requests=False, offline=True, bootstrap_iters=0, **settings)
-    with contextlib.chdir(REPO):  # the task files name their data relative to the repository root
-        mlflow_lmeval.evaluate(REPO / REFERENCE["checkpoint"], config, show_progress=False)
     samples = {}
     for task in tasks:
         lines = (out / f"samples_{task}.jsonl").read_text(encoding="utf-8").splitlines()
@@ -37,14 +35,35 @@ def evaluate(out: Path, tasks: list[str], **settings) -> dict[str, dict[int, dic
     return samples
 
 
+def evaluate_cli(out: Path, tasks: list[str]) -> dict[str, dict[int, dict]]:
+    """What a user runs: ``mlflow-lmeval evaluate --checkpoint DIR`` (the task files name their data
+    relative to the repository root, so it runs there)."""
+    command = [sys.executable, "-m", "mlflow_lmeval.cli", "evaluate", "--checkpoint", str(REPO / REFERENCE["checkpoint"]),
+               "--tasks", ",".join(tasks), "--include_path", str(HARNESS / "tasks"), "--output_path", str(out),
+               "--log_samples", "--no_cache", "--no_cache_requests", "--offline", "--bootstrap_iters", "0",
+               "--no_tracking"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return read_samples(out, tasks)
+
+
+def evaluate(out: Path, tasks: list[str], **settings) -> dict[str, dict[int, dict]]:
+    """The same through the Python API, in this process."""
+    config = dict(evaluation_tasks=tasks, include_path=str(HARNESS / "tasks"), output_path=str(out), log_samples=True,
+                  response_cache=False, cache_requests=False, offline=True, bootstrap_iters=0, **settings)
+    with contextlib.chdir(REPO):
+        mlflow_lmeval.evaluate(REPO / REFERENCE["checkpoint"], config, show_progress=False)
+    return read_samples(out, tasks)
+
+
 @pytest.fixture(scope="module")
 def recurrent(tmp_path_factory):
-    return evaluate(tmp_path_factory.mktemp("recurrent"), FITTING)
+    return evaluate_cli(tmp_path_factory.mktemp("recurrent"), FITTING)
 
 
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
-    return evaluate(tmp_path_factory.mktemp("windowed"), ROLLING, use_infinite_eval=False, context_length=MAX_LENGTH)
+    return evaluate(tmp_path_factory.mktemp("windowed"), ROLLING, mode="windowed", context_length=MAX_LENGTH)
 
 
 def max_difference(task: str, ours: dict[int, dict]) -> float:
