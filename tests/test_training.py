@@ -67,7 +67,7 @@ def test_train_cli_logs_a_run_with_live_evaluations(tmp_path, corpus_path, token
     client = MlflowClient(store)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.data.params["steps"] == "4"
-    history = client.get_metric_history(run.info.run_id, f"lmeval/{names[1]}/acc")
+    history = client.get_metric_history(run.info.run_id, f"lmeval_live/{names[1]}/acc")  # live evaluations
     assert sorted(m.step for m in history) == [2, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4]
     import json
