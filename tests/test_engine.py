@@ -9,6 +9,7 @@ from conftest import log_probs, naive_greedy_decode, naive_loglikelihood
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mlflow_lmeval import from_linen_cache
+from mlflow_lmeval.engine import loop
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.engine.requests import make_pieces, piece_counts
 
@@ -46,6 +47,24 @@ def test_fixed_context_equals_recurrent_when_everything_fits(checkpoint, request
     result = score(checkpoint, requests, mode="windowed", context_length=longest, batch_size=8)
     np.testing.assert_allclose(result.loglik, reference.loglik, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(result.greedy, reference.greedy)
+
+
+def test_a_partial_batch_runs_fewer_rows_with_the_same_results(checkpoint, requests, reference, monkeypatch):
+    """Two long documents in a batch of 8 run as 2 rows, then 1 once the shorter one has ended."""
+    two = requests[:2]
+    bucketed = Engine(checkpoint.model, EngineSettings(batch_size=8, chunk_size=64))
+    result = bucketed.score(two)
+    monkeypatch.setattr(loop, "ROW_BUCKET_MIN_LENGTH", 10**9)  # no row buckets: all 8 rows every chunk
+    full = Engine(checkpoint.model, EngineSettings(batch_size=8, chunk_size=64))
+    expected = full.score(two)
+    for other in (expected, reference):
+        np.testing.assert_allclose(result.loglik, other.loglik[:2], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(result.greedy, other.greedy[:2])
+        np.testing.assert_array_equal(result.num_tokens, other.num_tokens[:2])
+    assert full.computed_tokens % 8 == 0
+    padded = full.computed_tokens // 8
+    shorter = min(len(c) + len(x) - 1 for c, x in two)
+    assert bucketed.computed_tokens <= 2 * shorter + (padded - shorter) + 2 * 64, (bucketed.computed_tokens, padded)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

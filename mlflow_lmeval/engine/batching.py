@@ -22,6 +22,7 @@ SHORTEST_BUCKET = 16  # a padded length; shorter rows share it, so tiny requests
 class BatchPlan:
     piece_indices: tuple[int, ...]
     length: int  # padded length of every row
+    rows: int | None = None  # rows of the batch (None: the batch size); padding rows fill it up
 
 
 def round_up(length: int, multiple: int) -> int:
@@ -33,16 +34,31 @@ def power_of_two_bucket(length: int, maximum: int | None = None) -> int:
     return min(bucket, maximum) if maximum is not None and maximum >= length else bucket
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, bucket: Callable[[int], int]) -> list[BatchPlan]:
+def row_bucket(rows: int, batch_size: int, multiple: int = 1) -> int:
+    """The fewest rows, of ``multiple`` times 1, 2, 4, ..., that hold ``rows``; at most ``batch_size``.
+
+    ``multiple`` is the device count, so that a bucket always shards evenly over the data axis.
+    """
+    groups = max(1, -(-rows // multiple))
+    return min(batch_size, multiple << (groups - 1).bit_length())
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, bucket: Callable[[int], int],
+                 rows: Callable[[int, int], int | None] | None = None) -> list[BatchPlan]:
+    """Pieces sorted longest first, ``batch_size`` at a time (so each batch's rows are longest
+    first too); ``rows(real rows, padded length)`` may give a batch fewer rows (None: all)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [
-        BatchPlan(tuple(int(i) for i in order[start : start + batch_size]), bucket(int(lengths[order[start]])))
-        for start in range(0, len(order), batch_size)
-    ]
+    plans = []
+    for start in range(0, len(order), batch_size):
+        indices = tuple(int(i) for i in order[start : start + batch_size])
+        length = bucket(int(lengths[indices[0]]))
+        plans.append(BatchPlan(indices, length, rows(len(indices), length) if rows else None))
+    return plans
 
 
 class MaterializeBatch:
-    """BatchPlan -> dict of numpy arrays with ``batch_size`` rows (padding rows have document 0).
+    """BatchPlan -> dict of numpy arrays with ``plan.rows`` (default ``batch_size``) rows (padding
+    rows have document 0).
 
     inputs, targets: int32 [B, L]; valid: real positions; scored: positions whose target counts;
     last: index of each row's last real position; document_idx, sequence_idx, state_idx,
@@ -55,7 +71,7 @@ class MaterializeBatch:
         self.batch_size = batch_size
 
     def __call__(self, plan: BatchPlan) -> dict[str, np.ndarray]:
-        rows, length = self.batch_size, plan.length
+        rows, length = plan.rows or self.batch_size, plan.length
         batch = {
             "inputs": np.zeros((rows, length), np.int32),
             "targets": np.zeros((rows, length), np.int32),

@@ -30,12 +30,18 @@ from .batching import (
     plan_batches,
     power_of_two_bucket,
     round_up,
+    row_bucket,
 )
 from .fuse import DocumentResults, PieceResults, fuse_document_results
 from .requests import Piece, make_pieces, piece_counts, share_contexts
 from .step import Chunk, Totals
 
 MODES = ("recurrent", "windowed")
+# A batch longer than this (positions) runs only as many rows as it needs (a power-of-two bucket,
+# see ``row_bucket``): fewer real rows from the start, and fewer again once its shorter rows have
+# ended. Each bucket below the batch size is one more step compilation (at most log2 of the batch
+# size of them); a short batch would save less time than that compilation costs.
+ROW_BUCKET_MIN_LENGTH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +113,7 @@ class Engine:
         devices = jax.devices()  # every process's devices when several processes run
         self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.batch_size = round_up(settings.batch_size, len(devices))
+        self.devices = len(devices)
         self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.multiprocess = jax.process_count() > 1
@@ -124,12 +131,16 @@ class Engine:
             self.params = jax.device_put(cast_floating(model.params, settings.dtype), self._replicated)
         self.traces = 0  # times jit traced the step or the decode (each new shape is one)
         self.model_tokens = 0  # real (unpadded) tokens the model has processed
+        self.computed_tokens = 0  # positions the step has run, padding included
         # The loss by position needs each target's position in its request, which only recurrent
         # mode keeps: a window's position says how much context the window had, not the request.
         self.by_position = self.mode == "recurrent"
         score = functools.partial(step.score_chunk, model.apply, settings.scale_logits, self.by_position)
         self._step = jax.jit(self._counted(score), donate_argnums=(1, 2))
         self._decode = jax.jit(self._counted(functools.partial(step.decode, model.apply)), static_argnums=(3,))
+        # The first rows of a row-sharded pytree, sharded again over every device.
+        self._first_rows = jax.jit(lambda tree, rows: jax.tree.map(lambda leaf: leaf[:rows], tree),
+                                   static_argnums=(1,), out_shardings=self._rows)
         if self._leads:
             distributed.send("engine", settings)
 
@@ -170,19 +181,28 @@ class Engine:
         chunk = self.settings.chunk_size
         if not self.model.has_state:
             return power_of_two_bucket(length, maximum=self.max_length)
-        if length < chunk and chunk > SHORTEST_BUCKET:
-            # Short rows (multiple-choice branches, short requests) get a short chunk instead of
-            # being padded to a full one: at most two more step shapes (16 and 32, ...).
-            bucket = power_of_two_bucket(length)
-            if bucket < chunk:
-                return bucket
-        return round_up(length, chunk)
+        if chunk <= SHORTEST_BUCKET:
+            return round_up(length, chunk)
+        # The last chunk (the only one of short rows: multiple-choice branches, short requests)
+        # is padded to a power of two below the chunk size rather than to a full chunk: at most
+        # two more step shapes (16 and 32, ...).
+        full = length - length % chunk
+        tail = length - full
+        return full + min(power_of_two_bucket(tail), chunk) if tail else length
 
-    def _run_batch(self, batch: dict[str, np.ndarray], states: StateTable | None = None):
-        """Dispatch every chunk of one batch; returns device arrays (state, totals) without waiting.
+    def _rows_for(self, real_rows: int, length: int) -> int | None:
+        """The rows of a batch of ``real_rows`` pieces padded to ``length`` (None: the batch size)."""
+        if not self.model.has_state or length <= ROW_BUCKET_MIN_LENGTH:
+            return None
+        return row_bucket(real_rows, self.batch_size, self.devices)
+
+    def _run_batch(self, batch: dict[str, np.ndarray], states: StateTable | None = None, shrink: bool = False):
+        """Dispatch every chunk of one batch; returns device arrays (state, [totals, ...]) without
+        waiting (``merge_totals`` makes one Totals of the list).
 
         Each row starts from ``states.take(batch["state_idx"])`` when a table is given, else from
-        a fresh state.
+        a fresh state. With ``shrink`` a long batch drops the rows that have ended (its rows are
+        longest first) to a smaller row bucket; the returned state then holds only the last rows run.
         """
         rows, length = batch["inputs"].shape
         self.model_tokens += int(batch["valid"].sum())
@@ -194,20 +214,44 @@ class Engine:
         if states is not None:
             state = jax.device_put(states.take(batch["state_idx"]), self._rows)
         width = min(self.settings.chunk_size, length) if self.model.has_state else length
+        shrink = shrink and self.model.has_state and length > ROW_BUCKET_MIN_LENGTH
+        ended, running = [], rows
         for start in range(0, length, width):
-            chunk = self._put(Chunk(*(batch[name][:, start : start + width] for name in Chunk._fields)), self._rows)
+            if shrink:
+                needed = row_bucket(int(batch["valid"][:, start:].any(1).nonzero()[0].max()) + 1, rows, self.devices)
+                if needed < running:
+                    ended.append(totals)
+                    state, totals, last, first = self._first_rows((state, totals, last, first), needed)
+                    running = needed
+            arrays = [batch[name][:running, start : start + width] for name in Chunk._fields]
+            if running < self.batch_size and arrays[0].shape[1] < width:
+                # Fewer rows run only full chunks, so row buckets add no tail shapes.
+                arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
+            chunk = self._put(Chunk(*arrays), self._rows)
+            self.computed_tokens += arrays[0].size
             state, totals = self._step(self.params, state, totals, chunk, np.int32(start), last, first)
-        return state, totals
+        return state, [*ended, totals]
 
-    def _run(self, pieces: list[Piece], on_batch: Callable[[dict, Totals, object], None], states=None) -> None:
-        """Run all pieces; ``on_batch(batch, host_totals, device_state)`` gets each batch's results.
+    def merge_totals(self, parts: list[Totals]) -> Totals:
+        """One host Totals from ``_run_batch``'s list: each later part holds the first rows of the one before."""
+        parts = self._fetch(parts)
+        merged = Totals(*(np.array(column) for column in parts[0]))
+        for part in parts[1:]:
+            for whole, first in zip(merged, part):
+                whole[: len(first)] = first
+        return merged
+
+    def _run(self, pieces: list[Piece], on_batch: Callable[[dict, Totals, object], None], states=None,
+             keep_state: bool = False) -> None:
+        """Run all pieces; ``on_batch(batch, host_totals, device_state)`` gets each batch's results
+        (the state of every row only with ``keep_state``).
 
         The next batch is dispatched before the previous one's totals are read, so the device
         never waits for the host between batches.
         """
         if not pieces:
             return
-        plans = plan_batches(np.array([p.length for p in pieces]), self.batch_size, self._bucket)
+        plans = plan_batches(np.array([p.length for p in pieces]), self.batch_size, self._bucket, self._rows_for)
         stream = batch_stream(
             pieces, plans, self.batch_size,
             worker_count=self.settings.worker_count, worker_buffer_size=self.settings.worker_buffer_size,
@@ -216,14 +260,14 @@ class Engine:
 
         def finish(batch, totals, state):
             nonlocal done
-            on_batch(batch, self._fetch(totals), state)
+            on_batch(batch, self.merge_totals(totals), state)
             done += int(batch["valid"].sum())
             if self.progress:
                 self.progress(done, total)
 
         pending = None
         for batch in stream:
-            state, totals = self._run_batch(batch, states)
+            state, totals = self._run_batch(batch, states, shrink=not keep_state)
             if pending is not None:
                 finish(*pending)
             pending = (batch, totals, state)
@@ -296,7 +340,7 @@ class Engine:
         pieces = [Piece(k, 0, prefix, np.zeros_like(prefix), 0) for k, prefix in enumerate(prefixes, start=1)]
         place = functools.partial(self._put, sharding=self._replicated) if self.multiprocess else (lambda tree: tree)
         table = StateTable(self.model, self.settings.prefix_block, place)
-        self._run(pieces, lambda batch, _totals, state: table.put(batch["document_idx"], state))
+        self._run(pieces, lambda batch, _totals, state: table.put(batch["document_idx"], state), keep_state=True)
         return table
 
     # ---- generation -----------------------------------------------------------------------------
@@ -332,7 +376,7 @@ class Engine:
         return MaterializeBatch(pieces, self.batch_size)(plan)
 
     def _generate_recurrent(self, contexts, max_new_tokens, finished):
-        state, totals = self._run_batch(self._prefill_batch(contexts))
+        state, [totals] = self._run_batch(self._prefill_batch(contexts))
         token = totals.next_token
         outputs = [[int(t)] for t in self._fetch(token)[: len(contexts)]]
         done = self._agree([max_new_tokens <= 1 or (finished is not None and finished(o)) for o in outputs])
@@ -361,7 +405,7 @@ class Engine:
             active = [i for i in range(len(contexts)) if not done[i]]
             if not active:
                 break
-            _, totals = self._run_batch(self._prefill_batch([sequences[i][-self.max_length :] for i in active]))
+            _, [totals] = self._run_batch(self._prefill_batch([sequences[i][-self.max_length :] for i in active]))
             for i, value in zip(active, self._fetch(totals.next_token)):
                 sequences[i].append(int(value))
                 outputs[i].append(int(value))
