@@ -85,7 +85,7 @@ def test_cli_flags_and_params_names_map_onto_the_fields(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     settings = load_params(tmp_path / "params.yaml")["evaluate"].eval_config("out")
     assert (settings.infinite_eval_chunksize, settings.cache_requests, settings.offline) == (16, False, True)
-    assert engine_settings(settings) == EngineSettings(chunk_size=16, batch_size=8, mode="recurrent")
+    assert engine_settings(settings) == EngineSettings(chunk_size=16, batch_size=8, mode="recurrent", dtype="float32")
 
 
 def test_the_seeds_names_are_aliases_not_fields(tmp_path):

@@ -33,7 +33,7 @@ class CachedEngine:
         self.engine = engine
         self.cache = cache if fingerprint else None
         self.namespace = (namespace(fingerprint, scoring_mode(engine), engine.settings.scale_logits,
-                                     engine.settings.dtype)
+                                     engine.dtype)
                           if self.cache is not None else None)
 
     def score(self, requests: list[tuple[list[int], list[int]]]) -> DocumentResults:

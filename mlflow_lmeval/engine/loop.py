@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..errors import UserError
-from ..models.protocol import LanguageModel, cast_floating
+from ..models.protocol import LanguageModel, cast_floating, floating_dtypes
 from . import distributed, step
 from .batching import (
     SHORTEST_BUCKET,
@@ -55,7 +55,7 @@ class EngineSettings:
     worker_count: int = 0
     worker_buffer_size: int = 1
     scale_logits: bool = False  # shrink logits so a random model's log-probabilities are finite
-    dtype: str = "float32"  # the floating-point params' dtype while evaluating (a no-op when they have it)
+    dtype: str | None = None  # the floating-point params' dtype while evaluating; None: as the model has them
     generation_block: int = 16  # tokens decoded per host check of the stop conditions
     share_prefixes: bool = True  # recurrent mode: run a context shared by several requests once
     prefix_block: int = 64  # shared contexts whose states are held at once (bounds memory)
@@ -117,6 +117,8 @@ class Engine:
         self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.multiprocess = jax.process_count() > 1
+        params = model.params if settings.dtype is None else cast_floating(model.params, settings.dtype)
+        self.dtype = floating_dtypes(params)  # what the response cache keys on: the dtype really used
         # Only process 0 broadcasts; the others are driven by follower.serve.
         self._leads = self.multiprocess and distributed.is_leader()
         if self.multiprocess:
@@ -124,11 +126,11 @@ class Engine:
             # A row-sharded result spans other processes' devices and cannot be fetched;
             # replicated, every process holds all of it.
             self._host = jax.jit(lambda tree: tree, out_shardings=self._replicated)
-            self.params = distributed.put_global(cast_floating(model.params, settings.dtype), self._replicated)
+            self.params = distributed.put_global(params, self._replicated)
         else:
             self._put = jax.device_put
             self._host = None
-            self.params = jax.device_put(cast_floating(model.params, settings.dtype), self._replicated)
+            self.params = jax.device_put(params, self._replicated)
         self.traces = 0  # times jit traced the step or the decode (each new shape is one)
         self.model_tokens = 0  # real (unpadded) tokens the model has processed
         self.computed_tokens = 0  # positions the step has run, padding included

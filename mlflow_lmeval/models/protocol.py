@@ -45,6 +45,12 @@ def cast_floating(params, dtype):
     return jax.tree.map(cast, params)
 
 
+def floating_dtypes(params) -> str:
+    """The floating-point dtypes of ``params``' leaves, e.g. "float32" or "bfloat16+float32"."""
+    names = {str(leaf.dtype) for leaf in jax.tree.leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)}
+    return "+".join(sorted(names))
+
+
 def full_pass(model: LanguageModel) -> Callable[[Any, jax.Array], jax.Array]:
     """jit-compiled ``(params, tokens[B, T]) -> logits[B, T, V]``: one pass from a fresh state."""
 
