@@ -179,6 +179,12 @@ def main(argv: list[str] | None = None) -> None:
                 browser.evaluate("""document.querySelector('button[aria-label="Close"]')?.click()""")
                 time.sleep(1)
                 browser.shoot(args.out / "experiments.png")
+                # MLflow 3.17 picks the view from its sidebar switch (GenAI | Model training), kept per
+                # browser, not from the experiment's mlflow.experimentKind tag (measured: a fresh
+                # browser landed on the GenAI overview). A person flips it once; so does this script.
+                browser.evaluate("""Array.from(document.querySelectorAll('*'))
+                    .find(e => e.children.length === 0 && e.textContent.trim() === 'Model training')?.click()""")
+                time.sleep(SETTLE_S)
                 # Open the experiment as a person does, by its link in the list, and see where it lands.
                 browser.evaluate(f"document.querySelector({link!r}).click()")
                 time.sleep(SETTLE_S * 2)
