@@ -218,9 +218,14 @@ class Engine:
         width = min(self.settings.chunk_size, length) if self.model.has_state else length
         shrink = shrink and self.model.has_state and length > ROW_BUCKET_MIN_LENGTH
         ended, running = [], rows
+        if shrink:
+            # One past each row's last real position, read once per batch (scanning the rest of
+            # the batch at every chunk was quadratic in a long document's length).
+            valid = batch["valid"]
+            ends = np.where(valid.any(1), length - np.argmax(valid[:, ::-1], axis=1), 0)
         for start in range(0, length, width):
             if shrink:
-                needed = row_bucket(int(batch["valid"][:, start:].any(1).nonzero()[0].max()) + 1, rows, self.devices)
+                needed = row_bucket(int(np.nonzero(ends > start)[0].max()) + 1, rows, self.devices)
                 if needed < running:
                     ended.append(totals)
                     state, totals, last, first = self._first_rows((state, totals, last, first), needed)
