@@ -1,5 +1,6 @@
 """Shared fixtures: a real-looking corpus from the standard library, a tokenizer, tiny models."""
 
+import atexit
 import os
 import shutil
 import socket
@@ -7,6 +8,7 @@ import tempfile
 
 # Nothing a test does may land in the repository or the user's caches.
 _SCRATCH = tempfile.mkdtemp(prefix="mlflow_lmeval_tests_")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH}/mlflow.db"
 os.environ["MLFLOW_LMEVAL_CACHE"] = f"{_SCRATCH}/cache"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +16,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", f"{_SCRATCH}/hf")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DISABLE_MULTIPROC", "1")
+# One persistent XLA cache for the whole run, this process and every CLI, pipeline and worker
+# process it starts: tests build many engines over the same tiny models, and each new engine (and
+# each subprocess) would otherwise compile the same step again. Keyed by XLA on the computation,
+# so it never changes a result; it lives and dies with this run's scratch directory.
+# Test workers (pytest-xdist) inherit the first process's variable, so they share one cache.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.setdefault("MLFLOW_LMEVAL_TESTS_XLA_CACHE", f"{_SCRATCH}/xla_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax
 import jax.numpy as jnp
