@@ -50,7 +50,8 @@ def test_fixed_context_equals_recurrent_when_everything_fits(checkpoint, request
 
 
 def test_a_partial_batch_runs_fewer_rows_with_the_same_results(checkpoint, requests, reference, monkeypatch):
-    """Two long documents in a batch of 8 run as 2 rows, then 1 once the shorter one has ended."""
+    """Two long documents in a batch of 8 run as 2 rows, then 1 once the shorter one has ended,
+    each at the width that keeps rows x width at 8 x 64."""
     two = requests[:2]
     bucketed = Engine(checkpoint.model, EngineSettings(batch_size=8, chunk_size=64))
     result = bucketed.score(two)
@@ -64,7 +65,9 @@ def test_a_partial_batch_runs_fewer_rows_with_the_same_results(checkpoint, reque
     assert full.computed_tokens % 8 == 0
     padded = full.computed_tokens // 8
     shorter = min(len(c) + len(x) - 1 for c, x in two)
-    assert bucketed.computed_tokens <= 2 * shorter + (padded - shorter) + 2 * 64, (bucketed.computed_tokens, padded)
+    # At most one chunk of 8 x 64 cells of padding where 2 rows become 1, and one at the end.
+    assert bucketed.computed_tokens <= 2 * shorter + (padded - shorter) + 2 * 8 * 64, (bucketed.computed_tokens, padded)
+    assert bucketed.traces == 2  # one step shape per row count: 2 rows x 256, then 1 row x 512
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
