@@ -38,6 +38,18 @@ def mixed_requests(tokens: np.ndarray, count: int, seed: int = 0) -> list[tuple[
     return requests[:count]
 
 
+def with_rolling_documents(requests, tokens: np.ndarray, count: int, seed: int = 2):
+    """``requests`` with its first ``count`` replaced by rolling documents of 300-2,000 tokens, so
+    that a small mix holds every kind of request the large one does."""
+    rng = np.random.default_rng(seed)
+    rolling = []
+    for _ in range(count):
+        length = int(rng.integers(300, 2000))
+        start = int(rng.integers(0, len(tokens) - length - 1))
+        rolling.append(([1], tokens[start : start + length].tolist()))
+    return rolling + list(requests[count:])
+
+
 def _count(model, requests, **settings) -> dict:
     from mlflow_lmeval.engine.loop import Engine
 
@@ -81,11 +93,18 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
         large = _count(model, many, batch_size=8, chunk_size=64, **{name: value})
         results[key] = {"100": small, "2000": large}
     default = results[f"{variants[0][0]}={variants[0][1]}"]
+    # The step's shapes follow the mix's lengths, not the number of requests: 100 requests that
+    # hold rolling documents, as the 2,000 do, against the same 2,000.
+    common.log("B4: 100 requests with 2 rolling documents")
+    long_few = _count(model, with_rolling_documents(few, tokens, 2), batch_size=8, chunk_size=64)
     return {
         "preset": preset,
         "compilations_100": default["100"]["compilations"],
         "compilations_2000": default["2000"]["compilations"],
         "equal": default["100"]["compilations"] == default["2000"]["compilations"],
+        "compilations_100_with_rolling_documents": long_few["compilations"],
+        "equal_with_rolling_documents": long_few["compilations"] == default["2000"]["compilations"],
+        "with_rolling_documents": long_few,
         "xla_compilations_100": default["100"]["xla_compilations"],
         "xla_compilations_2000": default["2000"]["xla_compilations"],
         "by_setting": results,
@@ -94,4 +113,7 @@ def run(tokenizer, directory: Path, quick: bool, preset: str = "tiny") -> dict:
         "xla_note": "xla_compilations counts every XLA backend compile while the engine scores (its jitted step "
         "and every eager operation), each count after jax.clear_caches()",
         "targets": {"compilations": "equal for 100 and 2,000, and <= 8"},
+        "rolling_note": "the 100 requests of seed 1 hold no piece over 202 tokens, so none of their batches "
+        "uses a row bucket (fewer rows for a batch over 256 positions); compilations_100_with_rolling_documents "
+        "replaces 2 of them by rolling documents of 300-2,000 tokens, as the 2,000 hold 22",
     }

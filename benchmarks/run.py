@@ -143,6 +143,10 @@ def _summary(benchmarks: dict) -> dict:
     rows["B4 compilations equal and <= 8"] = {
         "value": [few, many], "holds": None if few is None or many is None else bool(few == many and many <= 8),
     }
+    rolling = get("B4_compilations", "compilations_100_with_rolling_documents")
+    rows["B4 compilations equal when the 100 requests hold rolling documents too"] = {
+        "value": [rolling, many], "holds": None if rolling is None or many is None else bool(rolling == many),
+    }
     rows["B5 sharded == one device"] = {"value": get("B5_multidevice", "passed"), "holds": get("B5_multidevice", "passed")}
     identical = get("B6_multihost", "identical_to_one_process")
     rows["B6 two processes == one process"] = {"value": identical, "holds": identical}
