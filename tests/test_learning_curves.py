@@ -4,6 +4,7 @@ step (checkpoint and live ones apart), nothing lost in an outage, and what the M
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -13,6 +14,7 @@ from servers import MlflowServer
 from test_tracking import RESULTS, _snapshot, make_checkpoint, make_results_dir
 
 from mlflow_lmeval.callback import LMEvalCallback
+from mlflow_lmeval.pipeline import stages
 from mlflow_lmeval.tracking import (
     TrackingWarning,
     TrainingRun,
@@ -26,6 +28,9 @@ from mlflow_lmeval.tracking import store as tracking_store
 
 KIND = "mlflow.experimentKind"
 EVALUATED_AT_MS = int(RESULTS["date"] * 1000)  # lm-eval's "date" of the results dirs make_results_dir writes
+
+
+REPORT_FILES = ("metrics_by_step.png", "metrics_by_step.csv", "loss_by_position.png", "loss_by_position.csv")
 
 
 def live_scores(acc):
@@ -132,6 +137,15 @@ def test_a_training_run_spooled_in_an_outage_arrives_whole_once_the_server_is_up
             make_results_dir(tmp_path, step, run_id=run.reference, acc=acc)
 
         server.start()
+        # The report stage attaches its charts to the training run the results name: not yet here.
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "results").symlink_to(tmp_path / "out")  # the pipeline's results/<checkpoint>/
+        (tmp_path / "reports").mkdir()
+        for name in REPORT_FILES:
+            (tmp_path / "reports" / name).write_text(name)
+        report_params = {"tracking": SimpleNamespace(enabled=True, tracking_uri=server.uri, experiment="curves")}
+        with pytest.warns(UserWarning, match=f"training run {run.reference} is not in"):
+            stages._log_report_to_training_runs(report_params)
         outcomes = sync([spool, tmp_path / "out"], tracking_uri=server.uri)
         client = MlflowClient(server.uri)
         training = store_run(client, run.reference)
@@ -154,6 +168,8 @@ def test_a_training_run_spooled_in_an_outage_arrives_whole_once_the_server_is_up
         before = _snapshot(client, server.uri)
         assert [o.created for o in sync([spool, tmp_path / "out"], tracking_uri=server.uri)] == [False] * 4
         assert _snapshot(client, server.uri) == before  # no run, no point, no model added
+        stages._log_report_to_training_runs(report_params)  # the spooled reference now finds the run
+        assert sorted(a.path for a in client.list_artifacts(run_id, "report")) == [f"report/{n}" for n in sorted(REPORT_FILES)]
     finally:
         server.stop()
         mlflow.set_tracking_uri(None)

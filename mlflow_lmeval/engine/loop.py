@@ -41,9 +41,9 @@ MODES = ("recurrent", "windowed")
 # see ``row_bucket``): fewer real rows from the start, and fewer again once its shorter rows have
 # ended. Each bucket below the batch size is one more step compilation (at most log2 of the batch
 # size of them); a short batch would save less time than that compilation costs. Fewer rows run
-# wider chunks, rows x width staying batch size x chunk size: a step of one row costs nearly what a
-# step of eight does on this CPU (B1's batching headroom, 1.3x), so a long document left alone
-# would otherwise run at a fraction of the full batch's rate.
+# wider chunks, rows x width staying batch size x chunk size (so the same memory): on this CPU one
+# row at 512 positions runs 1.5-1.7x the cells/s of one row at 64 (benchmarks/README.md), and on
+# an accelerator a narrow step leaves most of the chip idle. The number of step shapes is the same.
 ROW_BUCKET_MIN_LENGTH = 256
 
 

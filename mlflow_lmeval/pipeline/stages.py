@@ -19,6 +19,7 @@ from ..results_file import RESULTS_FILE, evaluated_step, loss_by_position, read_
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..tracking import http_limits, resolve_tracking_uri, sync
 from ..tracking.position_loss import draw_curves
+from ..tracking.store import get_run_or_none
 from ..workflows import LiveEvaluation, Tracking, evaluate_and_publish, tracked_training
 from .corpus import builtin_documents, chunk_words, is_heldout, text_file_documents
 from .tasks import write_tasks
@@ -220,9 +221,16 @@ def _log_report_to_training_runs(params) -> None:
     try:
         with http_limits():
             client = MlflowClient(uri)
-            for run_id in sorted(run_ids):
+            for reference in sorted(run_ids):
+                # A training run spooled in an outage is recorded as ``spooled:<identity>`` until
+                # ``sync`` creates it; the reference finds that run once it exists.
+                run = get_run_or_none(client, reference)
+                if run is None:
+                    warnings.warn(f"training run {reference} is not in {uri} (yet: `mlflow-lmeval sync` publishes "
+                                  "a spooled one); the report stays on disk")
+                    continue
                 for name in ("metrics_by_step.png", "metrics_by_step.csv", "loss_by_position.png", "loss_by_position.csv"):
-                    client.log_artifact(run_id, str(REPORTS / name), "report")
+                    client.log_artifact(run.info.run_id, str(REPORTS / name), "report")
     except Exception as error:  # the report on disk is the deliverable; MLflow is a copy
         warnings.warn(f"could not attach the report to the training run in {uri}: {str(error).splitlines()[0]}")
 
