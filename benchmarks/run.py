@@ -183,11 +183,16 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--b3-tokens", type=int, default=None,
                         help="tokens of the long B3 document (default 1,000,000; 200,000 with --quick)")
+    parser.add_argument("--b7-presets", default="tiny,small,100m",
+                        help="comma-separated B7 presets (default: tiny,small,100m)")
     args = parser.parse_args(argv)
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(selected) - set(ALL)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    b7_presets = tuple(name.strip() for name in args.b7_presets.split(",") if name.strip())
+    if not b7_presets or set(b7_presets) - {"tiny", "small", "100m"}:
+        parser.error(f"--b7-presets takes tiny, small and 100m, got {args.b7_presets!r}")
 
     started = time.perf_counter()
     load_at_start = list(os.getloadavg())
@@ -261,7 +266,7 @@ def main(argv=None) -> None:
     if "B7" in selected:
         from . import hf_backend
 
-        record("B7_lm_eval_hf", lambda: hf_backend.run(work, args.quick))
+        record("B7_lm_eval_hf", lambda: hf_backend.run(work, args.quick, b7_presets))
     if "bootstrap" in selected:
         from . import bootstrap
 
