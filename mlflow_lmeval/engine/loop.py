@@ -227,6 +227,7 @@ class Engine:
             # the batch at every chunk was quadratic in a long document's length).
             valid = batch["valid"]
             ends = np.where(valid.any(1), length - np.argmax(valid[:, ::-1], axis=1), 0)
+        width = min(chunk_size, length) if self.model.has_state else length
         start = 0
         while start < length:
             if shrink:
@@ -235,10 +236,8 @@ class Engine:
                     ended.append(totals)
                     state, totals, last, first = self._first_rows((state, totals, last, first), needed)
                     running = needed
-            if bucketed:
+            if bucketed:  # fewer rows, wider chunks (see ROW_BUCKET_MIN_LENGTH)
                 width = chunk_size * max(1, self.batch_size // running)
-            else:
-                width = min(chunk_size, length) if self.model.has_state else length
             arrays = [batch[name][:running, start : start + width] for name in Chunk._fields]
             if running < self.batch_size and arrays[0].shape[1] < width:
                 # Fewer rows run only full chunks, so row buckets add no tail shapes.

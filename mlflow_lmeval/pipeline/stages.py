@@ -17,8 +17,9 @@ from ..config import EvalConfig
 from ..errors import UserError
 from ..results_file import RESULTS_FILE, evaluated_step, loss_by_position, read_results, recorded_training_run_id
 from ..tokenizer import Tokenizer, train_tokenizer
-from ..tracking import http_limits, resolve_tracking_uri, sync
+from ..tracking import http_limits, redact_uri, resolve_tracking_uri, sync
 from ..tracking.position_loss import draw_curves
+from ..tracking.redact import scrub_text
 from ..tracking.store import get_run_or_none
 from ..workflows import LiveEvaluation, Tracking, evaluate_and_publish, tracked_training
 from .corpus import builtin_documents, chunk_words, is_heldout, text_file_documents
@@ -218,6 +219,7 @@ def _log_report_to_training_runs(params) -> None:
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking(params).tracking_uri)
+    shown = redact_uri(uri)  # a warning prints no credentials
     try:
         with http_limits():
             client = MlflowClient(uri)
@@ -226,13 +228,13 @@ def _log_report_to_training_runs(params) -> None:
                 # ``sync`` creates it; the reference finds that run once it exists.
                 run = get_run_or_none(client, reference)
                 if run is None:
-                    warnings.warn(f"training run {reference} is not in {uri} (yet: `mlflow-lmeval sync` publishes "
+                    warnings.warn(f"training run {reference} is not in {shown} (yet: `mlflow-lmeval sync` publishes "
                                   "a spooled one); the report stays on disk")
                     continue
                 for name in ("metrics_by_step.png", "metrics_by_step.csv", "loss_by_position.png", "loss_by_position.csv"):
                     client.log_artifact(run.info.run_id, str(REPORTS / name), "report")
     except Exception as error:  # the report on disk is the deliverable; MLflow is a copy
-        warnings.warn(f"could not attach the report to the training run in {uri}: {str(error).splitlines()[0]}")
+        warnings.warn(f"could not attach the report to the training run in {shown}: {scrub_text(str(error).splitlines()[0])}")
 
 
 def main_metrics(columns: list[str]) -> list[str]:
