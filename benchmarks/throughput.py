@@ -153,12 +153,15 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
     def engine_run():
         engine_rec.reset()
         before = common.model_tokens(engine_lm.engine)
+        computed_before = getattr(engine_lm.engine, "computed_tokens", None)
         with common.timed_batches() as timer:
             start = time.perf_counter()
             output = common.evaluate_lm(engine_lm, config)
             seconds = time.perf_counter() - start
         after = common.model_tokens(engine_lm.engine)
-        return seconds, output, (after - before) if before is not None else None, timer
+        # The positions the step really ran: a row-bucketed batch runs fewer rows than it holds.
+        computed = engine_lm.engine.computed_tokens - computed_before if computed_before is not None else None
+        return seconds, output, (after - before) if before is not None else None, timer, computed
 
     def naive_run():
         naive_rec.reset()
@@ -181,14 +184,14 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
     engine_score_s, blocked, kinds_engine, kinds_naive, timers = [], [], [], [], []
     for repeat in range(repeats):
         common.log(f"B1 {preset}: repeat {repeat + 1}/{repeats}")
-        seconds, output, tokens, timer = engine_run()
+        seconds, output, tokens, timer, computed = engine_run()
         times["engine"].append(seconds)
         engine_score_s.append(engine_rec.seconds)
         blocked.append(timer.blocked)
         timers.append(timer)
         kinds_engine.append(_per_kind(engine_rec))
         if repeat == 0:
-            engine_output, engine_model_tokens = output, tokens
+            engine_output, engine_model_tokens, engine_computed = output, tokens, computed
             requests = engine_rec.requests
             scored = engine_rec.scored_tokens()
             req_tokens = common.request_tokens(requests)
@@ -226,7 +229,7 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
     rate = {name: run.tokens / med[name] for name, run in (
         ("bound", bound), ("bound_scoring", bound_scoring), ("bound_batch1", batch1),
         ("scoring_greedy_argmax", greedy_argmax), ("scoring_greedy_max", greedy_max))}
-    padded_rate = timers[0].padded_tokens / engine_score if timers[0].padded_tokens else None
+    padded_rate = engine_computed / engine_score if engine_computed else None
     per_kind = {}
     for kind in kinds_engine[0]:
         e = common.median([k[kind]["seconds"] for k in kinds_engine])
@@ -257,6 +260,8 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         "engine_warmup_s": engine_warmup,
         "engine_padded_tokens": timers[0].padded_tokens,
         "engine_padding_efficiency": timers[0].real_tokens / timers[0].padded_tokens if timers[0].padded_tokens else None,
+        "engine_computed_tokens": engine_computed,
+        "engine_computed_efficiency": engine_model_tokens / engine_computed if engine_computed and engine_model_tokens else None,
         "naive_compilations": naive.compilations,
         "naive_compile_s": naive.compile_seconds,
         "naive_padded_tokens": naive.padded_tokens // repeats,
@@ -279,13 +284,13 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         "outside_engine_fraction": 1.0 - engine_score / med["engine"],
         "per_request_type": per_kind,
         "diagnostics": {
-            "engine_padded_tokens_per_s_in_score": padded_rate,
+            "engine_computed_tokens_per_s_in_score": padded_rate,
             "engine_step_efficiency_vs_bound_scoring": padded_rate / rate["bound_scoring"] if padded_rate else None,
             "packed_scoring_greedy_argmax_tokens_per_s": rate["scoring_greedy_argmax"],
             "packed_scoring_greedy_max_tokens_per_s": rate["scoring_greedy_max"],
             "greedy_argmax_cost": rate["bound_scoring"] / rate["scoring_greedy_argmax"],
             "greedy_max_cost": rate["bound_scoring"] / rate["scoring_greedy_max"],
-            "reading": "fraction_of_bound ~= engine_padding_efficiency * engine_step_efficiency_vs_bound_scoring "
+            "reading": "fraction_of_bound ~= engine_computed_efficiency * engine_step_efficiency_vs_bound_scoring "
             "* (1 - outside_engine_fraction) * bound_scoring/bound rate; greedy_*_cost = time of a packed "
             "scoring step with the all-greedy flag / without it (argmax: as the engine computes it; max: "
             "target logit >= max logit)",
@@ -315,7 +320,10 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
             "fraction_of_bound_scoring": "as fraction_of_bound, the packed run also computing log-softmax and target gather",
             "fraction_of_bound_request_tokens": "the bound over all request tokens (no prefix sharing), the engine "
             "credited with them: counts the savings of shared prefixes",
-            "engine_padding_efficiency": "real / padded tokens over the batches the engine ran (one evaluation)",
+            "engine_padding_efficiency": "real / padded tokens over the batches the engine ran (one evaluation), "
+            "rows x length of each batch",
+            "engine_computed_efficiency": "model tokens / positions the engine's step ran (Engine.computed_tokens, one "
+            "evaluation): below engine_padding_efficiency's count wherever a row-bucketed batch ran fewer rows",
             "fraction_of_bound_engine_only": "as fraction_of_bound, but only the seconds inside Engine.score",
             "outside_engine_fraction": "share of evaluation wall time spent outside Engine.score (lm-eval building "
             "requests, tokenization, metrics): the device is idle then",
