@@ -188,8 +188,10 @@ def has_share_prefixes() -> bool:
     return "share_prefixes" in {f.name for f in dataclasses.fields(EngineSettings)}
 
 
-def model_tokens(engine) -> int | None:
-    value = getattr(engine, "model_tokens", None)
+def model_tokens(engine, counter: str = "model_tokens") -> int | None:
+    """An engine's token counter (``model_tokens``: real tokens; ``computed_tokens``: positions the
+    step ran), None for an engine version without it."""
+    value = getattr(engine, counter, None)
     return int(value) if value is not None else None
 
 

@@ -17,37 +17,37 @@ import numpy as np
 from . import common
 
 
+def _span(rng, tokens: np.ndarray, length: int) -> list[int]:
+    start = int(rng.integers(0, len(tokens) - length - 1))
+    return tokens[start : start + length].tolist()
+
+
+def _rolling_document(rng, tokens: np.ndarray) -> tuple[list[int], list[int]]:
+    """A prefix token and 300-2,000 tokens, as lm-eval sends a ``loglikelihood_rolling`` request."""
+    return [1], _span(rng, tokens, int(rng.integers(300, 2000)))
+
+
 def mixed_requests(tokens: np.ndarray, count: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     rng = np.random.default_rng(seed)
     requests = []
-
-    def span(length):
-        start = int(rng.integers(0, len(tokens) - length - 1))
-        return tokens[start : start + length].tolist()
-
     while len(requests) < count:
         kind = rng.random()
-        if kind < 0.02:  # rolling document: prefix token + 300..2000 tokens
-            requests.append(([1], span(int(rng.integers(300, 2000)))))
+        if kind < 0.02:  # rolling document
+            requests.append(_rolling_document(rng, tokens))
         elif kind < 0.6:  # context + short continuation
-            requests.append((span(int(rng.integers(1, 200))), span(int(rng.integers(1, 12)))))
+            requests.append((_span(rng, tokens, int(rng.integers(1, 200))), _span(rng, tokens, int(rng.integers(1, 12)))))
         else:  # four choices sharing one context
-            context = span(int(rng.integers(2, 200)))
+            context = _span(rng, tokens, int(rng.integers(2, 200)))
             for _ in range(4):
-                requests.append((context, span(int(rng.integers(1, 30)))))
+                requests.append((context, _span(rng, tokens, int(rng.integers(1, 30)))))
     return requests[:count]
 
 
 def with_rolling_documents(requests, tokens: np.ndarray, count: int, seed: int = 2):
-    """``requests`` with its first ``count`` replaced by rolling documents of 300-2,000 tokens, so
-    that a small mix holds every kind of request the large one does."""
+    """``requests`` with its first ``count`` replaced by rolling documents, so that a small mix
+    holds every kind of request the large one does."""
     rng = np.random.default_rng(seed)
-    rolling = []
-    for _ in range(count):
-        length = int(rng.integers(300, 2000))
-        start = int(rng.integers(0, len(tokens) - length - 1))
-        rolling.append(([1], tokens[start : start + length].tolist()))
-    return rolling + list(requests[count:])
+    return [_rolling_document(rng, tokens) for _ in range(count)] + list(requests[count:])
 
 
 def _count(model, requests, **settings) -> dict:

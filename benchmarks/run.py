@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import common
 
+B7_PRESETS = ("tiny", "small", "100m")  # hf_backend.PRESETS' names (that module imports JAX, so not here)
 ALL = ("B1", "B2", "B3", "B3_xlstm", "B4", "B5", "B6", "B7", "hf_load", "bootstrap", "bootstrap_eval")
 
 NOT_MEASURED = {
@@ -150,7 +151,7 @@ def _summary(benchmarks: dict) -> dict:
     rows["B5 sharded == one device"] = {"value": get("B5_multidevice", "passed"), "holds": get("B5_multidevice", "passed")}
     identical = get("B6_multihost", "identical_to_one_process")
     rows["B6 two processes == one process"] = {"value": identical, "holds": identical}
-    for preset in ("tiny", "small", "100m"):
+    for preset in B7_PRESETS:
         speedup = get("B7_lm_eval_hf", "speedup_vs_lm_eval_hf", preset)
         same = get("B7_lm_eval_hf", "same_weights", preset)
         diff = get("B7_lm_eval_hf", "max_rel_loglik_diff", preset)
@@ -183,16 +184,16 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--b3-tokens", type=int, default=None,
                         help="tokens of the long B3 document (default 1,000,000; 200,000 with --quick)")
-    parser.add_argument("--b7-presets", default="tiny,small,100m",
-                        help="comma-separated B7 presets (default: tiny,small,100m)")
+    parser.add_argument("--b7-presets", default=",".join(B7_PRESETS),
+                        help=f"comma-separated B7 presets (default: {','.join(B7_PRESETS)})")
     args = parser.parse_args(argv)
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(selected) - set(ALL)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     b7_presets = tuple(name.strip() for name in args.b7_presets.split(",") if name.strip())
-    if not b7_presets or set(b7_presets) - {"tiny", "small", "100m"}:
-        parser.error(f"--b7-presets takes tiny, small and 100m, got {args.b7_presets!r}")
+    if not b7_presets or set(b7_presets) - set(B7_PRESETS):
+        parser.error(f"--b7-presets takes {', '.join(B7_PRESETS)}, got {args.b7_presets!r}")
 
     started = time.perf_counter()
     load_at_start = list(os.getloadavg())

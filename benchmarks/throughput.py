@@ -153,14 +153,14 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
     def engine_run():
         engine_rec.reset()
         before = common.model_tokens(engine_lm.engine)
-        computed_before = getattr(engine_lm.engine, "computed_tokens", None)
+        computed_before = common.model_tokens(engine_lm.engine, "computed_tokens")
         with common.timed_batches() as timer:
             start = time.perf_counter()
             output = common.evaluate_lm(engine_lm, config)
             seconds = time.perf_counter() - start
         after = common.model_tokens(engine_lm.engine)
         # The positions the step really ran: a row-bucketed batch runs fewer rows than it holds.
-        computed = engine_lm.engine.computed_tokens - computed_before if computed_before is not None else None
+        computed = common.model_tokens(engine_lm.engine, "computed_tokens") - computed_before if computed_before is not None else None
         return seconds, output, (after - before) if before is not None else None, timer, computed
 
     def naive_run():
@@ -229,7 +229,7 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
     rate = {name: run.tokens / med[name] for name, run in (
         ("bound", bound), ("bound_scoring", bound_scoring), ("bound_batch1", batch1),
         ("scoring_greedy_argmax", greedy_argmax), ("scoring_greedy_max", greedy_max))}
-    padded_rate = engine_computed / engine_score if engine_computed else None
+    computed_rate = engine_computed / engine_score if engine_computed else None
     per_kind = {}
     for kind in kinds_engine[0]:
         e = common.median([k[kind]["seconds"] for k in kinds_engine])
@@ -284,8 +284,8 @@ def run_preset(preset: str, tokenizer, directory: Path, quick: bool, settings_va
         "outside_engine_fraction": 1.0 - engine_score / med["engine"],
         "per_request_type": per_kind,
         "diagnostics": {
-            "engine_computed_tokens_per_s_in_score": padded_rate,
-            "engine_step_efficiency_vs_bound_scoring": padded_rate / rate["bound_scoring"] if padded_rate else None,
+            "engine_computed_tokens_per_s_in_score": computed_rate,
+            "engine_step_efficiency_vs_bound_scoring": computed_rate / rate["bound_scoring"] if computed_rate else None,
             "packed_scoring_greedy_argmax_tokens_per_s": rate["scoring_greedy_argmax"],
             "packed_scoring_greedy_max_tokens_per_s": rate["scoring_greedy_max"],
             "greedy_argmax_cost": rate["bound_scoring"] / rate["scoring_greedy_argmax"],

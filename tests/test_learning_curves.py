@@ -30,9 +30,6 @@ KIND = "mlflow.experimentKind"
 EVALUATED_AT_MS = int(RESULTS["date"] * 1000)  # lm-eval's "date" of the results dirs make_results_dir writes
 
 
-REPORT_FILES = ("metrics_by_step.png", "metrics_by_step.csv", "loss_by_position.png", "loss_by_position.csv")
-
-
 def live_scores(acc):
     """What an injected live evaluator returns (lm-eval's shape)."""
     return lambda params: {"results": {"pydoc_nextsentence": {"acc,none": acc, "acc_stderr,none": 0.01}}}
@@ -141,7 +138,7 @@ def test_a_training_run_spooled_in_an_outage_arrives_whole_once_the_server_is_up
         monkeypatch.chdir(tmp_path)
         (tmp_path / "results").symlink_to(tmp_path / "out")  # the pipeline's results/<checkpoint>/
         (tmp_path / "reports").mkdir()
-        for name in REPORT_FILES:
+        for name in stages.REPORT_FILES:
             (tmp_path / "reports" / name).write_text(name)
         report_params = {"tracking": SimpleNamespace(enabled=True, tracking_uri=server.uri, experiment="curves")}
         with pytest.warns(UserWarning, match=f"training run {run.reference} is not in"):
@@ -169,7 +166,7 @@ def test_a_training_run_spooled_in_an_outage_arrives_whole_once_the_server_is_up
         assert [o.created for o in sync([spool, tmp_path / "out"], tracking_uri=server.uri)] == [False] * 4
         assert _snapshot(client, server.uri) == before  # no run, no point, no model added
         stages._log_report_to_training_runs(report_params)  # the spooled reference now finds the run
-        assert sorted(a.path for a in client.list_artifacts(run_id, "report")) == [f"report/{n}" for n in sorted(REPORT_FILES)]
+        assert sorted(a.path for a in client.list_artifacts(run_id, "report")) == [f"report/{n}" for n in sorted(stages.REPORT_FILES)]
     finally:
         server.stop()
         mlflow.set_tracking_uri(None)

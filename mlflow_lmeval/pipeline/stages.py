@@ -17,9 +17,9 @@ from ..config import EvalConfig
 from ..errors import UserError
 from ..results_file import RESULTS_FILE, evaluated_step, loss_by_position, read_results, recorded_training_run_id
 from ..tokenizer import Tokenizer, train_tokenizer
-from ..tracking import http_limits, redact_uri, resolve_tracking_uri, sync
+from ..tracking import http_limits, resolve_tracking_uri, sync
 from ..tracking.position_loss import draw_curves
-from ..tracking.redact import scrub_text
+from ..tracking.redact import redact_uri, scrub_text
 from ..tracking.store import get_run_or_none
 from ..workflows import LiveEvaluation, Tracking, evaluate_and_publish, tracked_training
 from .corpus import builtin_documents, chunk_words, is_heldout, text_file_documents
@@ -31,6 +31,8 @@ CHECKPOINTS = Path("checkpoints")
 RESULTS = Path("results")
 METRICS = Path("metrics")
 REPORTS = Path("reports")
+# What the report stage writes under REPORTS and attaches to each training run.
+REPORT_FILES = ("metrics_by_step.png", "metrics_by_step.csv", "loss_by_position.png", "loss_by_position.csv")
 TASK_PREFIX = "heldout"
 # Imported inside the stage that needs them, measured on this machine: the reference model and the
 # training loop (JAX, 3.2 s), MLflow (2.0-2.8 s), matplotlib and Hugging Face datasets (each about
@@ -40,7 +42,6 @@ TASK_PREFIX = "heldout"
 # ---- prepare ----------------------------------------------------------------------------------
 def load_documents(params) -> list[tuple[str, str]]:
     """(name, text) documents from the configured source."""
-
     source = params.source
     if source == "builtin":
         return builtin_documents()
@@ -53,7 +54,6 @@ def load_documents(params) -> list[tuple[str, str]]:
 
 
 def _hf_documents(spec: str, split: str, field: str, document_words: int) -> list[tuple[str, str]]:
-
     name, _, config = spec.partition(":")
     try:
         import datasets
@@ -68,7 +68,6 @@ def _hf_documents(spec: str, split: str, field: str, document_words: int) -> lis
 
 
 def prepare(params) -> None:
-
     p = params["prepare"]
     documents = load_documents(p)
     heldout = [d for d in documents if is_heldout(d[0], p.heldout_fraction, p.seed)]
@@ -86,7 +85,6 @@ def prepare(params) -> None:
 
 
 def tracking(params):
-
     t = params["tracking"]
     return Tracking(enabled=t.enabled, tracking_uri=t.tracking_uri or None, experiment=t.experiment)
 
@@ -130,7 +128,6 @@ def flat_metrics(results: dict) -> dict:
 
 
 def evaluate(params, name: str) -> None:
-
     e = params["evaluate"]
     if name not in e.checkpoints:
         raise UserError(f"params.yaml: evaluate.checkpoints has no entry {name!r}")
@@ -212,7 +209,6 @@ def report(params) -> None:
 
 def _log_report_to_training_runs(params) -> None:
     """Attach the charts and tables to each training run that produced an evaluated checkpoint."""
-
     run_ids = {recorded_training_run_id(read_results(p.parent)) for p in RESULTS.glob(f"*/{RESULTS_FILE}")} - {None}
     if not run_ids:
         return
@@ -231,7 +227,7 @@ def _log_report_to_training_runs(params) -> None:
                     warnings.warn(f"training run {reference} is not in {shown} (yet: `mlflow-lmeval sync` publishes "
                                   "a spooled one); the report stays on disk")
                     continue
-                for name in ("metrics_by_step.png", "metrics_by_step.csv", "loss_by_position.png", "loss_by_position.csv"):
+                for name in REPORT_FILES:
                     client.log_artifact(run.info.run_id, str(REPORTS / name), "report")
     except Exception as error:  # the report on disk is the deliverable; MLflow is a copy
         warnings.warn(f"could not attach the report to the training run in {shown}: {scrub_text(str(error).splitlines()[0])}")
