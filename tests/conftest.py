@@ -1,6 +1,7 @@
 """Shared fixtures: a real-looking corpus from the standard library, a tokenizer, tiny models."""
 
 import atexit
+import itertools
 import os
 import shutil
 import socket
@@ -35,17 +36,45 @@ from mlflow_lmeval.models import mlstm
 TINY = {"embed_dim": 32, "num_layers": 2, "num_heads": 2}
 
 
-def run_in_chunks(model, params, tokens, chunk_size, mask=None):
-    """Naive reference: feed ``tokens`` [B, T] through ``model.apply`` chunk by chunk."""
+def run_in_chunks(model, params, tokens, chunk_size, mask=None, starts=None, state=None):
+    """Naive reference: feed ``tokens`` [B, T] through ``model.apply`` chunk by chunk (from
+    ``state``, else a fresh one; ``starts`` is passed on to a packable model when given)."""
     batch, length = tokens.shape
     mask = np.ones((batch, length), bool) if mask is None else mask
     apply = jax.jit(model.apply)
-    state, outputs = model.init_state(batch), []
+    state, outputs = model.init_state(batch) if state is None else state, []
     for start in range(0, length, chunk_size):
         stop = start + chunk_size
-        logits, state = apply(params, tokens[:, start:stop], state, mask[:, start:stop])
+        extra = {} if starts is None else {"starts": starts[:, start:stop]}
+        logits, state = apply(params, tokens[:, start:stop], state, mask[:, start:stop], **extra)
         outputs.append(np.asarray(logits))
     return np.concatenate(outputs, axis=1), state
+
+
+def check_starts_act_as_fresh_sequences(model, tokens, chunk_size, atol):
+    """Sequences packed end to end in the rows of ``tokens`` [2, T] (``starts`` marks where each
+    begins) give the logits and end states of each sequence run alone: from a fresh state, or, for
+    a row's first one, from the state its row came in with. Run in chunks of ``chunk_size``,
+    so starts fall inside chunks and at their edges."""
+    assert model.packable
+    length = tokens.shape[1]
+    starts = np.zeros(tokens.shape, bool)
+    starts[0, [5, 6, 40, length - 1]] = True  # a one-token sequence, and one at the last position
+    starts[1, [0, 2 * chunk_size]] = True
+    _, incoming = run_in_chunks(model, model.params, tokens[:, :30], 30)
+    packed_logits, packed_state = run_in_chunks(model, model.params, tokens, chunk_size, starts=starts, state=incoming)
+    for row in range(2):
+        bounds = [0, *np.flatnonzero(starts[row]), length]
+        state = jax.tree.map(lambda leaf, row=row: leaf[row : row + 1], incoming)
+        for begin, end in itertools.pairwise(bounds):
+            if begin == end:
+                continue
+            fresh = model.init_state(1) if starts[row, begin] else state
+            logits, state = run_in_chunks(model, model.params, tokens[row : row + 1, begin:end], chunk_size, state=fresh)
+            np.testing.assert_allclose(log_probs(packed_logits[row : row + 1, begin:end]), log_probs(logits), rtol=1e-5, atol=atol)
+        for packed_leaf, leaf in zip(jax.tree.leaves(packed_state), jax.tree.leaves(state), strict=True):
+            leaf = np.asarray(leaf)[0]
+            np.testing.assert_allclose(np.asarray(packed_leaf)[row], leaf, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(leaf).max()))
 
 
 def log_probs(logits):

@@ -1,5 +1,7 @@
 """The engine: chunked == fixed-context == batched == naive, windows follow lm-eval, few traces."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mlflow_lmeval import from_linen_cache
 from mlflow_lmeval.engine import loop
+from mlflow_lmeval.engine.batching import plan_streams
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.engine.requests import make_pieces, piece_counts
 
@@ -68,6 +71,35 @@ def test_a_partial_batch_runs_fewer_rows_with_the_same_results(checkpoint, reque
     # At most one chunk of 8 x 64 cells of padding where 2 rows become 1, and one at the end.
     assert bucketed.computed_tokens <= 2 * shorter + (padded - shorter) + 2 * 8 * 64, (bucketed.computed_tokens, padded)
     assert bucketed.traces == 2  # one step shape per row count: 2 rows x 256, then 1 row x 512
+
+
+def test_packed_rows_equal_padded_rows(checkpoint, requests):
+    """A packable model's requests run end to end in rows, with the results of one padded row each
+    and fewer positions computed."""
+    settings = EngineSettings(batch_size=8, chunk_size=64, share_prefixes=False)
+    padded_engine = Engine(dataclasses.replace(checkpoint.model, packable=False), settings)
+    packed_engine = Engine(checkpoint.model, settings)
+    padded, packed = padded_engine.score(requests), packed_engine.score(requests)
+    np.testing.assert_allclose(packed.loglik, padded.loglik, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(packed.position_nll, padded.position_nll, rtol=1e-5, atol=1e-4)
+    for field in ("greedy", "num_tokens", "position_tokens"):
+        np.testing.assert_array_equal(getattr(packed, field), getattr(padded, field))
+    assert packed_engine.model_tokens == padded_engine.model_tokens
+    assert packed_engine.computed_tokens < padded_engine.computed_tokens, (packed_engine.computed_tokens, padded_engine.computed_tokens)
+
+
+def test_stream_plans_hold_every_piece_once_in_balanced_rows():
+    lengths = np.random.default_rng(0).integers(1, 300, 500)
+    lengths[:2] = 5000  # longer than a row: each opens a batch of its own length
+    plans = plan_streams(lengths, 8, 64, 2048)
+    placed = [index for plan in plans for stream in plan.streams for index in stream]
+    assert sorted(placed) == list(range(len(lengths)))
+    for plan in plans:
+        loads = [int(lengths[list(stream)].sum()) for stream in plan.streams]
+        assert plan.length % 64 == 0 and max(loads) <= plan.length < max(loads) + 64
+        assert max(loads) <= max(2048, max(lengths[list(stream)].max() for stream in plan.streams))
+    full = [plan for plan in plans[:-1] if len(plan.streams) == 8]
+    assert full and all(sum(lengths[list(s)].sum() for s in p.streams) > 0.9 * 8 * p.length for p in full)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import log_probs, run_in_chunks
+from conftest import check_starts_act_as_fresh_sequences, log_probs, run_in_chunks
 
 from mlflow_lmeval import load
 from mlflow_lmeval.models import mlstm
@@ -68,6 +68,14 @@ def test_masked_positions_are_skipped(weights, tokens, form):
         np.testing.assert_allclose(log_probs(masked_logits[row][mask[row]]), log_probs(logits[0]), rtol=1e-5, atol=1e-5)
         for masked_leaf, leaf in zip(jax.tree.leaves(masked_state), jax.tree.leaves(state)):
             np.testing.assert_allclose(np.asarray(masked_leaf)[row], np.asarray(leaf)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
+def test_starts_begin_fresh_sequences(weights, tokens, form):
+    """What lets the engine pack requests end to end in a row."""
+    config, params = weights
+    model = mlstm.as_language_model(dataclasses.replace(config, form=form, segment_length=16), params)
+    check_starts_act_as_fresh_sequences(model, tokens[:, :100], chunk_size=7 if form == "recurrent" else 37, atol=1e-5)
 
 
 def test_presets(tokenizer):

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import log_probs, run_in_chunks
+from conftest import check_starts_act_as_fresh_sequences, log_probs, run_in_chunks
 
 from mlflow_lmeval.errors import UserError
 from mlflow_lmeval.models import hf, xlstm
@@ -47,10 +47,6 @@ def long_tokens():
     return np.asarray(jax.random.randint(jax.random.key(3), (2, 150), 0, 320))
 
 
-# transformers computed these logits with its chunkwise kernel. The token-by-token form
-# contracts the state C with q after summing outer products, which in float32 loses up to ~sqrt(d)
-# more to cancellation (measured against float64: 1.1e-4 at one position, 1e-5 elsewhere;
-# transformers' own step kernel does the same), so it gets a looser bound.
 # transformers computed these logits with its chunkwise kernel. The token-by-token form
 # contracts the state C with q after summing outer products, which in float32 loses up to ~sqrt(d)
 # more to cancellation (measured against float64: 1.1e-4 at one position, 1e-5 elsewhere;
@@ -119,6 +115,11 @@ def test_masked_positions_act_as_removed(fused, long_tokens):
         for masked_leaf, leaf in zip(jax.tree.leaves(masked_state), jax.tree.leaves(state), strict=True):
             leaf = np.asarray(leaf)[0]
             np.testing.assert_allclose(np.asarray(masked_leaf)[row], leaf, rtol=0, atol=1e-5 * np.abs(leaf).max())
+
+
+@pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
+def test_starts_begin_fresh_sequences(fused, long_tokens, form):
+    check_starts_act_as_fresh_sequences(with_form(fused, form), long_tokens[:, :90], chunk_size=29, atol=1e-5)
 
 
 def test_bfloat16_weights_keep_the_state_dtype(reference):

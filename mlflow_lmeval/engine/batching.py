@@ -25,6 +25,15 @@ class BatchPlan:
     rows: int | None = None  # rows of the batch (None: the batch size); padding rows fill it up
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """Packed rows: row r holds the pieces ``streams[r]`` end to end, each from a fresh state."""
+
+    streams: tuple[tuple[int, ...], ...]  # longest row first
+    length: int  # padded length of every row, a multiple of the chunk size
+    rows: int | None = None  # as BatchPlan's
+
+
 def round_up(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
@@ -56,6 +65,34 @@ def plan_batches(lengths: np.ndarray, batch_size: int, bucket: Callable[[int], i
     return plans
 
 
+def plan_streams(lengths: np.ndarray, batch_size: int, chunk_size: int, stream_length: int,
+                 rows: Callable[[int, int], int | None] | None = None) -> list[StreamPlan]:
+    """Pieces packed end to end into ``batch_size`` rows: longest first, each into the row holding
+    the fewest positions so far, until a row would pass ``stream_length`` positions (or the
+    batch's first piece's length, if longer). Rows then end within about one piece of each
+    other, so the padding is about a chunk per row per batch, whatever the pieces' lengths.
+    ``rows`` is as in ``plan_batches``, given the rows that hold pieces."""
+    lengths = np.asarray(lengths)
+    order = [int(i) for i in np.argsort(-lengths, kind="stable")]
+    plans, next_piece = [], 0
+    while next_piece < len(order):
+        capacity = max(stream_length, int(lengths[order[next_piece]]))
+        loads = np.zeros(batch_size, np.int64)
+        streams: list[list[int]] = [[] for _ in range(batch_size)]
+        while next_piece < len(order):
+            row = int(np.argmin(loads))
+            index = order[next_piece]
+            if loads[row] + lengths[index] > capacity:
+                break
+            streams[row].append(index)
+            loads[row] += lengths[index]
+            next_piece += 1
+        used = [r for r in np.argsort(-loads, kind="stable") if streams[r]]
+        length = round_up(int(loads.max()), chunk_size)
+        plans.append(StreamPlan(tuple(tuple(streams[r]) for r in used), length, rows(len(used), length) if rows else None))
+    return plans
+
+
 class MaterializeBatch:
     """BatchPlan -> dict of numpy arrays with ``plan.rows`` (default ``batch_size``) rows (padding
     rows have document 0).
@@ -70,7 +107,9 @@ class MaterializeBatch:
         self.pieces = pieces
         self.batch_size = batch_size
 
-    def __call__(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+    def __call__(self, plan: BatchPlan | StreamPlan) -> dict[str, np.ndarray]:
+        if isinstance(plan, StreamPlan):
+            return self.packed(plan)
         rows, length = plan.rows or self.batch_size, plan.length
         batch = {
             "inputs": np.zeros((rows, length), np.int32),
@@ -97,10 +136,39 @@ class MaterializeBatch:
             batch["first_position"][row] = piece.first_position
         return batch
 
+    def packed(self, plan: StreamPlan) -> dict[str, np.ndarray]:
+        """A StreamPlan's rows: inputs, targets, valid, scored as in a BatchPlan's batch, and
+        starts: bool [B, L], each piece's first position; piece: int32 [B, L], the index in the
+        batch of each position's piece (-1: padding); position: int32 [B, L], each target's index
+        in its request; document_idx, sequence_idx: int32 [P], the batch's P pieces in order."""
+        rows, length = plan.rows or self.batch_size, plan.length
+        batch = {name: np.zeros((rows, length), bool) for name in ("valid", "scored", "starts")}
+        for name in ("inputs", "targets", "position"):
+            batch[name] = np.zeros((rows, length), np.int32)
+        batch["piece"] = np.full((rows, length), -1, np.int32)
+        members = [index for stream in plan.streams for index in stream]
+        batch["document_idx"] = np.array([self.pieces[i].document_idx for i in members], np.int32)
+        batch["sequence_idx"] = np.array([self.pieces[i].sequence_idx for i in members], np.int32)
+        slot = 0
+        for row, stream in enumerate(plan.streams):
+            start = 0
+            for index in stream:
+                piece = self.pieces[index]
+                end = start + piece.length
+                batch["inputs"][row, start:end] = piece.inputs
+                batch["targets"][row, start:end] = piece.targets
+                batch["valid"][row, start:end] = True
+                batch["scored"][row, end - piece.num_scored : end] = True
+                batch["starts"][row, start] = True
+                batch["piece"][row, start:end] = slot
+                batch["position"][row, start:end] = piece.first_position + np.arange(piece.length)
+                start, slot = end, slot + 1
+        return batch
+
 
 def batch_stream(
     pieces: list[Piece],
-    plans: list[BatchPlan],
+    plans: list[BatchPlan] | list[StreamPlan],
     batch_size: int,
     *,
     worker_count: int = 0,

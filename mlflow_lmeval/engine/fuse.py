@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from .positions import NUM_BUCKETS
+from .positions import NUM_BUCKETS, bucket_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,29 @@ class PieceResults:
                              np.zeros((0, NUM_BUCKETS), np.float64), np.zeros((0, NUM_BUCKETS), np.int64))
         fields = [f.name for f in dataclasses.fields(PieceResults)]
         return PieceResults(*(np.concatenate([getattr(p, name) for p in [empty, *parts]]) for name in fields))
+
+
+def sum_positions(batch: dict[str, np.ndarray], log_probs: np.ndarray, greedy: np.ndarray) -> tuple[PieceResults, np.ndarray]:
+    """A packed batch's per-position results (float [B, L] target log-probabilities, bool [B, L]
+    greedy flags; see ``MaterializeBatch.packed``) summed per piece: its PieceResults, and bool
+    [P], whether a piece had a NaN or infinite scored log-probability."""
+    scored = batch["scored"]
+    piece = batch["piece"][scored].astype(np.int64)
+    values = log_probs[scored].astype(np.float64)
+    count = len(batch["document_idx"])
+
+    def per_piece(weights=None):
+        return np.bincount(piece, weights=weights, minlength=count)
+
+    by_bucket = piece * NUM_BUCKETS + bucket_of(batch["position"][scored])
+    size = count * NUM_BUCKETS
+    results = PieceResults(
+        batch["document_idx"], batch["sequence_idx"], per_piece(values), per_piece().astype(np.int64),
+        per_piece(~greedy[scored]) == 0,
+        np.bincount(by_bucket, weights=-values, minlength=size).reshape(count, NUM_BUCKETS),
+        np.bincount(by_bucket, minlength=size).reshape(count, NUM_BUCKETS).astype(np.int64),
+    )
+    return results, per_piece(~np.isfinite(values)) > 0
 
 
 @dataclasses.dataclass(frozen=True)

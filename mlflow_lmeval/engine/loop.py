@@ -28,11 +28,12 @@ from .batching import (
     MaterializeBatch,
     batch_stream,
     plan_batches,
+    plan_streams,
     power_of_two_bucket,
     round_up,
     row_bucket,
 )
-from .fuse import DocumentResults, PieceResults, fuse_document_results
+from .fuse import DocumentResults, PieceResults, fuse_document_results, sum_positions
 from .requests import Piece, make_pieces, piece_counts, share_contexts
 from .step import Chunk, Totals
 
@@ -45,6 +46,10 @@ MODES = ("recurrent", "windowed")
 # row at 512 positions runs 1.5-1.7x the cells/s of one row at 64 (benchmarks/README.md), and on
 # an accelerator a narrow step leaves most of the chip idle. The number of step shapes is the same.
 ROW_BUCKET_MIN_LENGTH = 256
+# A packable model's fresh pieces run end to end in rows (``plan_streams``) of about this many
+# positions per batch: the padding is about one chunk per row per batch, so longer rows pad less,
+# but a batch's results (and the response cache's writes) come only when the whole batch ends.
+PACKED_ROW_LENGTH = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +147,11 @@ class Engine:
         self.by_position = self.mode == "recurrent"
         score = functools.partial(step.score_chunk, model.apply, settings.scale_logits, self.by_position)
         self._step = jax.jit(self._counted(score), donate_argnums=(1, 2))
+        # Requests that start from a fresh state run packed when the model can start a sequence
+        # mid-row (``LanguageModel.packable``): one step shape, and no row padded to its own length.
+        self.packs = self.mode == "recurrent" and model.packable
+        packed = functools.partial(step.score_packed, model.apply, settings.scale_logits)
+        self._packed_step = jax.jit(self._counted(packed), donate_argnums=(1,))
         self._decode = jax.jit(self._counted(functools.partial(step.decode, model.apply)), static_argnums=(3,))
         # The first rows of a row-sharded pytree, sharded again over every device.
         self._first_rows = jax.jit(lambda tree, rows: jax.tree.map(lambda leaf: leaf[:rows], tree),
@@ -202,51 +212,79 @@ class Engine:
         return row_bucket(real_rows, self.batch_size, self.devices)
 
     def _run_batch(self, batch: dict[str, np.ndarray], states: StateTable | None = None, shrink: bool = False):
-        """Dispatch every chunk of one batch; returns device arrays (state, [totals, ...]) without
-        waiting (``merge_totals`` makes one Totals of the list).
+        """Dispatch every chunk of one batch; returns device arrays (state, parts) without waiting:
+        ``merge_totals`` makes one Totals of the parts, or for a packed batch (``plan_streams``)
+        ``merge_positions`` makes per-position arrays of them.
 
         Each row starts from ``states.take(batch["state_idx"])`` when a table is given, else from
         a fresh state. With ``shrink`` a long batch drops the rows that have ended (its rows are
         longest first) to a smaller row bucket; the returned state then holds only the last rows run.
         """
         rows, length = batch["inputs"].shape
+        packed = "starts" in batch
         self.model_tokens += int(batch["valid"].sum())
         # One transfer per batch and one per chunk: on CPU each call costs about as much as a
         # small step, so the arrays of a step travel together.
         fresh = self.model.init_state(rows) if states is None and self.model.has_state else None
-        totals, last, first, state = self._put((Totals.zeros(rows), batch["last"], batch["first_position"], fresh),
-                                               self._rows)
+        if packed:
+            state, parts = self._put(fresh, self._rows), []
+        else:
+            totals, last, first, state = self._put((Totals.zeros(rows), batch["last"], batch["first_position"], fresh),
+                                                   self._rows)
+            ended = []
         if states is not None:
             state = jax.device_put(states.take(batch["state_idx"]), self._rows)
         chunk_size = self.settings.chunk_size
         bucketed = self.model.has_state and length > ROW_BUCKET_MIN_LENGTH
         shrink = shrink and bucketed
-        ended, running = [], rows
+        running = rows
         if shrink:
             # One past each row's last real position, read once per batch (scanning the rest of
             # the batch at every chunk was quadratic in a long document's length).
             valid = batch["valid"]
             ends = np.where(valid.any(1), length - np.argmax(valid[:, ::-1], axis=1), 0)
         width = min(chunk_size, length) if self.model.has_state else length
+        fields = Chunk._fields if packed else Chunk._fields[:-1]
         start = 0
         while start < length:
             if shrink:
                 needed = row_bucket(int(np.nonzero(ends > start)[0].max()) + 1, rows, self.devices)
                 if needed < running:
-                    ended.append(totals)
-                    state, totals, last, first = self._first_rows((state, totals, last, first), needed)
+                    if packed:
+                        state = self._first_rows(state, needed)
+                    else:
+                        ended.append(totals)
+                        state, totals, last, first = self._first_rows((state, totals, last, first), needed)
                     running = needed
             if bucketed:  # fewer rows, wider chunks (see ROW_BUCKET_MIN_LENGTH)
                 width = chunk_size * max(1, self.batch_size // running)
-            arrays = [batch[name][:running, start : start + width] for name in Chunk._fields]
+            arrays = [batch[name][:running, start : start + width] for name in fields]
             if running < self.batch_size and arrays[0].shape[1] < width:
                 # Fewer rows run only full chunks, so row buckets add no tail shapes.
                 arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
             chunk = self._put(Chunk(*arrays), self._rows)
             self.computed_tokens += arrays[0].size
-            state, totals = self._step(self.params, state, totals, chunk, np.int32(start), last, first)
+            if packed:
+                state, scores = self._packed_step(self.params, state, chunk)
+                parts.append(scores)
+            else:
+                state, totals = self._step(self.params, state, totals, chunk, np.int32(start), last, first)
             start += width
-        return state, [*ended, totals]
+        return state, (parts if packed else [*ended, totals])
+
+    def merge_positions(self, parts: list[tuple], rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host arrays [rows, length] of a packed batch's target log-probabilities and greedy flags
+        from ``_run_batch``'s parts, one per chunk (rows dropped once ended read as zeros)."""
+        log_probs, greedy = np.zeros((rows, length), np.float32), np.zeros((rows, length), bool)
+        start = 0
+        for part in parts:  # one at a time: the same structure each time, so _host compiles once
+            chunk_log_probs, chunk_greedy = self._fetch(part)
+            running, width = chunk_log_probs.shape
+            end = min(start + width, length)
+            log_probs[:running, start:end] = chunk_log_probs[:, : end - start]
+            greedy[:running, start:end] = chunk_greedy[:, : end - start]
+            start = end
+        return log_probs, greedy
 
     def merge_totals(self, parts: list[Totals]) -> Totals:
         """One host Totals from ``_run_batch``'s list: each later part holds the first rows of the one before."""
@@ -267,16 +305,23 @@ class Engine:
         """
         if not pieces:
             return
-        plans = plan_batches(np.array([p.length for p in pieces]), self.batch_size, self._bucket, self._rows_for)
+        lengths = np.array([p.length for p in pieces])
+        if self.packs and states is None and not keep_state:  # fresh pieces whose end states nobody needs
+            plans = plan_streams(lengths, self.batch_size, self.settings.chunk_size, PACKED_ROW_LENGTH, self._rows_for)
+        else:
+            plans = plan_batches(lengths, self.batch_size, self._bucket, self._rows_for)
         stream = batch_stream(
             pieces, plans, self.batch_size,
             worker_count=self.settings.worker_count, worker_buffer_size=self.settings.worker_buffer_size,
         )
         done, total = 0, sum(p.length for p in pieces)
 
-        def finish(batch, totals, state):
+        def finish(batch, parts, state):
             nonlocal done
-            on_batch(batch, self.merge_totals(totals), state)
+            if "starts" in batch:
+                on_batch(batch, self.merge_positions(parts, *batch["inputs"].shape), state)
+            else:
+                on_batch(batch, self.merge_totals(parts), state)
             done += int(batch["valid"].sum())
             if self.progress:
                 self.progress(done, total)
@@ -320,12 +365,16 @@ class Engine:
     def _score_pieces(self, pieces: list[Piece], states: StateTable | None = None, on_batch=None) -> PieceResults:
         parts = []
 
-        def collect(batch, totals, _state):
-            bad = totals.nonfinite & (batch["document_idx"] > 0)
+        def collect(batch, results, _state):
+            if "starts" in batch:
+                part, nonfinite = sum_positions(batch, *results)
+            else:
+                part = PieceResults(batch["document_idx"], batch["sequence_idx"], results.loglik, results.num_tokens,
+                                    results.greedy, results.position_nll, results.position_tokens)
+                nonfinite = results.nonfinite
+            bad = nonfinite & (part.document_idx > 0)
             if bad.any():
-                raise NonFiniteLogits(int(batch["document_idx"][np.argmax(bad)]))
-            part = PieceResults(batch["document_idx"], batch["sequence_idx"], totals.loglik, totals.num_tokens, totals.greedy,
-                                totals.position_nll, totals.position_tokens)
+                raise NonFiniteLogits(int(part.document_idx[np.argmax(bad)]))
             parts.append(part)
             if on_batch is not None:
                 on_batch(part)

@@ -19,8 +19,9 @@ from .positions import FIRST_END_BITS, NUM_BUCKETS
 # The seed's "debug" setting: a random model's logits shrunk so every log-probability is finite.
 LOGIT_SCALE = 1e-3
 
-# The model contract's apply: (params, tokens[B, T] int32, state, mask[B, T] bool) -> (logits[B, T, V], state).
-Apply = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+# The model contract's apply: (params, tokens[B, T] int32, state, mask[B, T] bool) -> (logits[B, T, V], state);
+# a packable model's also takes starts=[B, T] bool.
+Apply = Callable[..., tuple[jax.Array, Any]]
 
 
 class Chunk(NamedTuple):
@@ -30,6 +31,7 @@ class Chunk(NamedTuple):
     targets: jax.Array  # int32 [B, C]: the next token at each position
     valid: jax.Array  # bool [B, C]: a real position (False: padding, which leaves the state as it is)
     scored: jax.Array  # bool [B, C]: a position whose target counts towards the totals
+    starts: jax.Array | None = None  # bool [B, C] in packed rows: a request begins here, from a fresh state
 
 
 class Totals(NamedTuple):
@@ -66,6 +68,28 @@ def position_sums(nll: jax.Array, scored: jax.Array, position: jax.Array) -> tup
             in_bucket.sum(1, dtype=jnp.int32))
 
 
+def target_scores(logits: jax.Array, targets: jax.Array, scale_logits: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's logits [B, C, V] as float32 (scaled when asked), each target's log-probability
+    float32 [B, C], and whether each target had the top logit bool [B, C]."""
+    logits = logits.astype(jnp.float32)
+    if scale_logits:
+        logits = logits * LOGIT_SCALE
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # Greedy means the target has the top logit; comparing with the max is much cheaper on CPU
+    # than an argmax over the vocabulary at every position.
+    return logits, target_logits - jax.nn.logsumexp(logits, axis=-1), target_logits >= logits.max(axis=-1)
+
+
+def score_packed(apply: Apply, scale_logits: bool, params, state, chunk: Chunk) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+    """One chunk of packed rows, several requests end to end in each (``chunk.starts`` marks where
+    each begins): the state after the chunk, and every position's target log-probability float32
+    [B, C] and greedy flag bool [B, C]. The host sums them per request (``fuse.sum_positions``):
+    a row holds a varying number of requests, which fixed-shape totals could not."""
+    logits, state = apply(params, chunk.inputs, state, chunk.valid, starts=chunk.starts)
+    _, target_log_probs, is_greedy = target_scores(logits, chunk.targets, scale_logits)
+    return state, (target_log_probs, is_greedy)
+
+
 def score_chunk(apply: Apply, scale_logits: bool, by_position: bool, params, state, totals: Totals, chunk: Chunk,
                 offset: jax.Array, last: jax.Array, first_position: jax.Array) -> tuple[Any, Totals]:
     """One chunk through the model, added to ``totals``; returns (state after the chunk, totals).
@@ -77,14 +101,7 @@ def score_chunk(apply: Apply, scale_logits: bool, by_position: bool, params, sta
     stay as they are.
     """
     logits, state = apply(params, chunk.inputs, state, chunk.valid)
-    logits = logits.astype(jnp.float32)  # [B, C, V]
-    if scale_logits:
-        logits = logits * LOGIT_SCALE
-    target_logits = jnp.take_along_axis(logits, chunk.targets[..., None], axis=-1)[..., 0]
-    target_log_probs = target_logits - jax.nn.logsumexp(logits, axis=-1)
-    # Greedy means the target has the top logit; comparing with the max is much cheaper on CPU
-    # than an argmax over the vocabulary at every position.
-    is_greedy = target_logits >= logits.max(axis=-1)
+    logits, target_log_probs, is_greedy = target_scores(logits, chunk.targets, scale_logits)
     # The only argmax needed is at each row's last real position: the next token to generate.
     width = chunk.inputs.shape[1]
     in_chunk = jnp.clip(last - offset, 0, width - 1)

@@ -98,11 +98,12 @@ def init_state(config: MLSTMConfig, batch_size: int) -> State:
     )
 
 
-def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0):
+def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None):
     """One segment of the mLSTM, all positions at once, starting from ``state``.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; log_i, log_f: [B, T, H];
-    state: (C [B,H,V,K], n [B,H,K], m [B,H]).
+    state: (C [B,H,V,K], n [B,H,K], m [B,H]); starts: None or bool [B, T], True where a new
+    sequence starts from the fresh state (zeros) instead of continuing the one before it.
     Returns h [B, T, H, V] and the state after the segment.
     """
     c0, n0, m0 = state
@@ -112,28 +113,42 @@ def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0):
 
     decay = jnp.cumsum(log_f, axis=-1)  # log of the product of forget gates up to t
     causal = jnp.tril(jnp.ones((length, length), bool))
+    # ``carried``: positions that continue the incoming state; ``since_start``: the log decay
+    # since each position's sequence began (the segment's start, for the incoming state).
+    carried, since_start, in_last = True, decay, True
+    if starts is not None:
+        sequence = jnp.cumsum(starts, axis=-1, dtype=jnp.int32)[:, None, :]  # [B, 1, T]; 0: the incoming one
+        causal = causal & (sequence[..., :, None] == sequence[..., None, :])
+        first = jax.lax.cummax(jnp.where(starts, jnp.arange(length), 0), axis=1)[:, None, :]
+        decay_before_first = jnp.take_along_axis(decay - log_f, jnp.broadcast_to(first, decay.shape), axis=-1)
+        carried = sequence == 0
+        since_start = decay - jnp.where(carried, 0.0, decay_before_first)
+        in_last = sequence == sequence[..., -1:]
     log_w = jnp.where(causal, decay[..., :, None] - decay[..., None, :] + log_i[..., None, :], -jnp.inf)
-    log_w0 = decay + m0[..., None]  # weight of the incoming state at each position
+    # Weight of the incoming state at each position; a new sequence's fresh state has m = 0.
+    log_w0 = since_start + jnp.where(carried, m0[..., None], 0.0)
     m = jnp.maximum(log_w.max(-1), log_w0)  # [B, H, T]; equals the recurrence's m_t
     w = jnp.exp(log_w - m[..., None])
-    w0 = jnp.exp(log_w0 - m)
+    w0 = jnp.where(carried, jnp.exp(log_w0 - m), 0.0)  # a fresh state's C and n are zero
 
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * w
     numerator = scores @ v + w0[..., None] * jnp.einsum("bhde,bhte->bhtd", c0, q)
     denominator = scores.sum(-1) + w0 * jnp.einsum("bhe,bhte->bht", n0, q)
     h = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m)) + eps)[..., None]
 
-    log_w_end = decay[..., -1:] - decay + log_i  # weight of each input at the segment's end
-    log_w0_end = decay[..., -1] + m0
+    # The state at the segment's end: only the last sequence's inputs count.
+    log_w_end = jnp.where(in_last, decay[..., -1:] - decay + log_i, -jnp.inf)  # weight of each input
+    carried_end = carried if starts is None else carried[..., -1]
+    log_w0_end = since_start[..., -1] + jnp.where(carried_end, m0, 0.0)
     m_end = jnp.maximum(log_w_end.max(-1), log_w0_end)
     w_end = jnp.exp(log_w_end - m_end[..., None])
-    w0_end = jnp.exp(log_w0_end - m_end)
+    w0_end = jnp.where(carried_end, jnp.exp(log_w0_end - m_end), 0.0)
     c_end = jnp.einsum("bht,bhtd,bhte->bhde", w_end, v, k) + w0_end[..., None, None] * c0
     n_end = jnp.einsum("bht,bhte->bhe", w_end, k) + w0_end[..., None] * n0
     return h.transpose(0, 2, 1, 3), (c_end, n_end, m_end)
 
 
-def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: float = 0.0):
+def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: float = 0.0, starts=None):
     """``mlstm_parallel`` over consecutive segments with the state carried; shapes as there.
 
     The tail is padded with masked positions (log i = -inf, log f = 0), which leave the state as
@@ -141,7 +156,7 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: floa
     """
     batch, length = q.shape[:2]
     if length <= segment_length:
-        return mlstm_parallel(q, k, v, log_i, log_f, state, eps)
+        return mlstm_parallel(q, k, v, log_i, log_f, state, eps, starts)
     segments = -(-length // segment_length)
     pad = segments * segment_length - length
 
@@ -150,9 +165,11 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: floa
         return jnp.moveaxis(x.reshape(batch, segments, segment_length, *x.shape[2:]), 1, 0)
 
     inputs = (split(q, 0.0), split(k, 0.0), split(v, 0.0), split(log_i, -jnp.inf), split(log_f, 0.0))
+    if starts is not None:
+        inputs += (split(starts, False),)
 
     def segment(carry, xs):
-        h, carry = mlstm_parallel(*xs, carry, eps)
+        h, carry = mlstm_parallel(*xs[:5], carry, eps, *xs[5:])
         return carry, h
 
     state, h = jax.lax.scan(segment, state, inputs)
@@ -160,12 +177,14 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: floa
     return h[:, :length], state
 
 
-def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0):
+def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None):
     """The same as ``mlstm_parallel``, one token at a time; shapes as there."""
 
     def step(carry, inputs):
         c, n, m = carry
-        q_t, k_t, v_t, log_i_t, log_f_t = inputs  # [B, H, D] and [B, H]
+        q_t, k_t, v_t, log_i_t, log_f_t = inputs[:5]  # [B, H, D] and [B, H]
+        if starts is not None:  # a new sequence begins from the fresh state
+            c, n, m = (jnp.where(inputs[5].reshape((-1,) + (1,) * (x.ndim - 1)), 0.0, x) for x in (c, n, m))
         m_new = jnp.maximum(log_f_t + m, log_i_t)
         input_weight = jnp.exp(log_i_t - m_new)
         forget_weight = jnp.exp(log_f_t + m - m_new)
@@ -178,7 +197,8 @@ def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0):
         h_t = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m_new)) + eps)[..., None]
         return (c, n, m_new), h_t
 
-    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_i, log_f)]
+    sequences = (q, k, v, log_i, log_f) + (() if starts is None else (starts,))
+    time_major = [jnp.moveaxis(x, 1, 0) for x in sequences]
     state, h = jax.lax.scan(step, state, time_major)
     return jnp.moveaxis(h, 0, 1), state
 
@@ -199,7 +219,7 @@ class MLSTMBlock(nn.Module):
     config: MLSTMConfig
 
     @nn.compact
-    def __call__(self, x, state, mask):
+    def __call__(self, x, state, mask, starts=None):
         cfg = self.config
         batch, length, _ = x.shape
         heads, dim = cfg.num_heads, cfg.head_dim
@@ -219,9 +239,9 @@ class MLSTMBlock(nn.Module):
         log_f = jnp.where(keep, log_f, 0.0)
 
         if cfg.form == "chunkwise":
-            h, state = mlstm_chunkwise(q, k, v, log_i, log_f, state, cfg.segment_length)
+            h, state = mlstm_chunkwise(q, k, v, log_i, log_f, state, cfg.segment_length, starts=starts)
         else:
-            h, state = mlstm_recurrent(q, k, v, log_i, log_f, state)
+            h, state = mlstm_recurrent(q, k, v, log_i, log_f, state, starts=starts)
 
         # Per-head RMS norm keeps the output scale independent of the stabiliser.
         h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6)
@@ -231,17 +251,17 @@ class MLSTMBlock(nn.Module):
 
 
 class MLSTMLanguageModel(nn.Module):
-    """tokens [B, T] int32, state, mask [B, T] bool -> (logits [B, T, V] float32, state)."""
+    """tokens [B, T] int32, state, mask [B, T] bool[, starts [B, T] bool] -> (logits [B, T, V] float32, state)."""
 
     config: MLSTMConfig
 
     @nn.compact
-    def __call__(self, tokens, state, mask):
+    def __call__(self, tokens, state, mask, starts=None):
         cfg = self.config
         x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(tokens)
         new_state = []
         for layer in range(cfg.num_layers):
-            x, layer_state = MLSTMBlock(cfg, name=f"block_{layer}")(x, state[layer], mask)
+            x, layer_state = MLSTMBlock(cfg, name=f"block_{layer}")(x, state[layer], mask, starts)
             new_state.append(layer_state)
         x = nn.LayerNorm(name="final_norm")(x)
         logits = nn.Dense(cfg.vocab_size, use_bias=False, name="unembed")(x)
@@ -259,8 +279,8 @@ def as_language_model(config: MLSTMConfig, params) -> LanguageModel:
     """The reference model under the model contract."""
     module = MLSTMLanguageModel(config)
 
-    def apply(params, tokens, state, mask):
-        return module.apply({"params": params}, tokens, state, mask)
+    def apply(params, tokens, state, mask, starts=None):
+        return module.apply({"params": params}, tokens, state, mask, starts)
 
     return LanguageModel(
         apply=apply,
@@ -268,6 +288,7 @@ def as_language_model(config: MLSTMConfig, params) -> LanguageModel:
         params=params,
         vocab_size=config.vocab_size,
         has_state=True,
+        packable=True,
     )
 
 
