@@ -7,6 +7,7 @@ never on the number of requests.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator
 
@@ -67,26 +68,26 @@ def plan_batches(lengths: np.ndarray, batch_size: int, bucket: Callable[[int], i
 
 def plan_streams(lengths: np.ndarray, batch_size: int, chunk_size: int, stream_length: int,
                  rows: Callable[[int, int], int | None] | None = None) -> list[StreamPlan]:
-    """Pieces packed end to end into ``batch_size`` rows: longest first, each into the row holding
-    the fewest positions so far, until a row would pass ``stream_length`` positions (or the
-    batch's first piece's length, if longer). Rows then end within about one piece of each
-    other, so the padding is about a chunk per row per batch, whatever the pieces' lengths.
-    ``rows`` is as in ``plan_batches``, given the rows that hold pieces."""
+    """Pieces packed end to end into ``batch_size`` rows of at most ``stream_length`` positions
+    (or the batch's longest piece's length, if longer): the longest pieces first, each into the
+    row holding the fewest positions so far, then the shortest into the gaps left. Rows then end
+    within about one short piece of each other, so the padding is about a chunk per row per
+    batch, whatever the pieces' lengths. ``rows`` is as in ``plan_batches``, given the rows that
+    hold pieces."""
     lengths = np.asarray(lengths)
-    order = [int(i) for i in np.argsort(-lengths, kind="stable")]
-    plans, next_piece = [], 0
-    while next_piece < len(order):
-        capacity = max(stream_length, int(lengths[order[next_piece]]))
+    pending = collections.deque(int(i) for i in np.argsort(-lengths, kind="stable"))
+    plans = []
+    while pending:
+        capacity = max(stream_length, int(lengths[pending[0]]))
         loads = np.zeros(batch_size, np.int64)
         streams: list[list[int]] = [[] for _ in range(batch_size)]
-        while next_piece < len(order):
-            row = int(np.argmin(loads))
-            index = order[next_piece]
-            if loads[row] + lengths[index] > capacity:
-                break
-            streams[row].append(index)
-            loads[row] += lengths[index]
-            next_piece += 1
+        for longest in (True, False):
+            while pending:
+                row, index = int(np.argmin(loads)), pending[0] if longest else pending[-1]
+                if loads[row] + lengths[index] > capacity:
+                    break
+                streams[row].append(pending.popleft() if longest else pending.pop())
+                loads[row] += lengths[index]
         used = [r for r in np.argsort(-loads, kind="stable") if streams[r]]
         length = round_up(int(loads.max()), chunk_size)
         plans.append(StreamPlan(tuple(tuple(streams[r]) for r in used), length, rows(len(used), length) if rows else None))

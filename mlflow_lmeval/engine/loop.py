@@ -243,11 +243,15 @@ class Engine:
             # the batch at every chunk was quadratic in a long document's length).
             valid = batch["valid"]
             ends = np.where(valid.any(1), length - np.argmax(valid[:, ::-1], axis=1), 0)
+            longest = int(ends.max())
         width = min(chunk_size, length) if self.model.has_state else length
         fields = Chunk._fields if packed else Chunk._fields[:-1]
         start = 0
         while start < length:
-            if shrink:
+            # Fewer rows only while the longest row has more than ROW_BUCKET_MIN_LENGTH positions
+            # left, as for a whole batch: the ragged end of a packed batch, or of a batch of
+            # similar lengths, would add step shapes to save a few chunks.
+            if shrink and longest - start > ROW_BUCKET_MIN_LENGTH:
                 needed = row_bucket(int(np.nonzero(ends > start)[0].max()) + 1, rows, self.devices)
                 if needed < running:
                     if packed:
