@@ -28,11 +28,13 @@ class BatchPlan:
 
 @dataclasses.dataclass(frozen=True)
 class StreamPlan:
-    """Packed rows: row r holds the pieces ``streams[r]`` end to end, each from a fresh state."""
+    """Packed rows: row r holds the pieces ``streams[r]`` end to end, each from a fresh state, or
+    with ``branches`` each from the state its row starts from (``plan_branches``)."""
 
     streams: tuple[tuple[int, ...], ...]  # longest row first
-    length: int  # padded length of every row, a multiple of the chunk size
+    length: int  # padded length of every row
     rows: int | None = None  # as BatchPlan's
+    branches: bool = False
 
 
 def round_up(length: int, multiple: int) -> int:
@@ -94,6 +96,38 @@ def plan_streams(lengths: np.ndarray, batch_size: int, chunk_size: int, stream_l
     return plans
 
 
+def plan_branches(lengths: np.ndarray, state_idx: np.ndarray, batch_size: int, width: int,
+                  bucket: Callable[[int], int], rows: Callable[[int, int], int | None] | None = None) -> list[StreamPlan]:
+    """Pieces that start from stored states (``state_idx``) in rows of one state each: the pieces
+    of a state end to end while they fit in ``width`` positions (a longer piece has a row of its
+    own), so that each begins within the row's first chunk, where a branch starts from the state
+    the row began with. Rows with the most positions first, ``batch_size`` at a time, each batch
+    ``bucket(its longest row)`` long; ``rows`` as in ``plan_batches``."""
+    lengths = np.asarray(lengths)
+    by_state: dict[int, list[int]] = {}
+    for index in np.argsort(-lengths, kind="stable"):
+        by_state.setdefault(int(state_idx[index]), []).append(int(index))
+    filled = []  # [positions, pieces] per row
+    for members in by_state.values():
+        state_rows: list[list] = []
+        for index in members:  # first fit, longest first
+            row = next((r for r in state_rows if r[0] + lengths[index] <= width), None)
+            if row is None:
+                state_rows.append([int(lengths[index]), [index]])
+            else:
+                row[0] += int(lengths[index])
+                row[1].append(index)
+        filled.extend(state_rows)
+    filled.sort(key=lambda row: -row[0])
+    plans = []
+    for first in range(0, len(filled), batch_size):
+        chosen = filled[first : first + batch_size]
+        length = bucket(chosen[0][0])
+        plans.append(StreamPlan(tuple(tuple(pieces) for _, pieces in chosen), length,
+                                rows(len(chosen), length) if rows else None, branches=True))
+    return plans
+
+
 class MaterializeBatch:
     """BatchPlan -> dict of numpy arrays with ``plan.rows`` (default ``batch_size``) rows (padding
     rows have document 0).
@@ -138,12 +172,15 @@ class MaterializeBatch:
         return batch
 
     def packed(self, plan: StreamPlan) -> dict[str, np.ndarray]:
-        """A StreamPlan's rows: inputs, targets, valid, scored as in a BatchPlan's batch, and
-        starts: bool [B, L], each piece's first position; piece: int32 [B, L], the index in the
-        batch of each position's piece (-1: padding); position: int32 [B, L], each target's index
-        in its request; document_idx, sequence_idx: int32 [P], the batch's P pieces in order."""
+        """A StreamPlan's rows: inputs, targets, valid, scored, state_idx as in a BatchPlan's
+        batch, and starts (or with ``plan.branches``, branches): bool [B, L], each piece's first
+        position; piece: int32 [B, L], the index in the batch of each position's piece (-1:
+        padding); position: int32 [B, L], each target's index in its request; document_idx,
+        sequence_idx: int32 [P], the batch's P pieces in order."""
         rows, length = plan.rows or self.batch_size, plan.length
-        batch = {name: np.zeros((rows, length), bool) for name in ("valid", "scored", "starts")}
+        batch = {name: np.zeros((rows, length), bool) for name in ("valid", "scored", "starts", "branches")}
+        marks = batch["branches" if plan.branches else "starts"]
+        batch["state_idx"] = np.zeros((rows,), np.int32)
         for name in ("inputs", "targets", "position"):
             batch[name] = np.zeros((rows, length), np.int32)
         batch["piece"] = np.full((rows, length), -1, np.int32)
@@ -160,7 +197,8 @@ class MaterializeBatch:
                 batch["targets"][row, start:end] = piece.targets
                 batch["valid"][row, start:end] = True
                 batch["scored"][row, end - piece.num_scored : end] = True
-                batch["starts"][row, start] = True
+                marks[row, start] = True
+                batch["state_idx"][row] = piece.state_idx
                 batch["piece"][row, start:end] = slot
                 batch["position"][row, start:end] = piece.first_position + np.arange(piece.length)
                 start, slot = end, slot + 1

@@ -28,6 +28,7 @@ from .batching import (
     MaterializeBatch,
     batch_stream,
     plan_batches,
+    plan_branches,
     plan_streams,
     power_of_two_bucket,
     round_up,
@@ -245,7 +246,7 @@ class Engine:
             ends = np.where(valid.any(1), length - np.argmax(valid[:, ::-1], axis=1), 0)
             longest = int(ends.max())
         width = min(chunk_size, length) if self.model.has_state else length
-        fields = Chunk._fields if packed else Chunk._fields[:-1]
+        fields = Chunk._fields if packed else Chunk._fields[:4]
         start = 0
         while start < length:
             # Fewer rows only while the longest row has more than ROW_BUCKET_MIN_LENGTH positions
@@ -310,10 +311,14 @@ class Engine:
         if not pieces:
             return
         lengths = np.array([p.length for p in pieces])
-        if self.packs and states is None and not keep_state:  # fresh pieces whose end states nobody needs
-            plans = plan_streams(lengths, self.batch_size, self.settings.chunk_size, PACKED_ROW_LENGTH, self._rows_for)
-        else:
+        chunk = self.settings.chunk_size
+        if not self.packs or keep_state:  # a packed row's end state is its last piece's alone
             plans = plan_batches(lengths, self.batch_size, self._bucket, self._rows_for)
+        elif states is None:
+            plans = plan_streams(lengths, self.batch_size, chunk, PACKED_ROW_LENGTH, self._rows_for)
+        else:
+            state_idx = np.array([p.state_idx for p in pieces])
+            plans = plan_branches(lengths, state_idx, self.batch_size, chunk, self._bucket, self._rows_for)
         stream = batch_stream(
             pieces, plans, self.batch_size,
             worker_count=self.settings.worker_count, worker_buffer_size=self.settings.worker_buffer_size,

@@ -31,7 +31,10 @@ class Chunk(NamedTuple):
     targets: jax.Array  # int32 [B, C]: the next token at each position
     valid: jax.Array  # bool [B, C]: a real position (False: padding, which leaves the state as it is)
     scored: jax.Array  # bool [B, C]: a position whose target counts towards the totals
-    starts: jax.Array | None = None  # bool [B, C] in packed rows: a request begins here, from a fresh state
+    # Packed rows only (bool [B, C]): a request begins here from a fresh state, or from the state
+    # the row had when the chunk began.
+    starts: jax.Array | None = None
+    branches: jax.Array | None = None
 
 
 class Totals(NamedTuple):
@@ -81,11 +84,12 @@ def target_scores(logits: jax.Array, targets: jax.Array, scale_logits: bool) -> 
 
 
 def score_packed(apply: Apply, scale_logits: bool, params, state, chunk: Chunk) -> tuple[Any, tuple[jax.Array, jax.Array]]:
-    """One chunk of packed rows, several requests end to end in each (``chunk.starts`` marks where
-    each begins): the state after the chunk, and every position's target log-probability float32
-    [B, C] and greedy flag bool [B, C]. The host sums them per request (``fuse.sum_positions``):
-    a row holds a varying number of requests, which fixed-shape totals could not."""
-    logits, state = apply(params, chunk.inputs, state, chunk.valid, starts=chunk.starts)
+    """One chunk of packed rows, several requests end to end in each (``chunk.starts`` and
+    ``chunk.branches`` mark where each begins): the state after the chunk, and every position's
+    target log-probability float32 [B, C] and greedy flag bool [B, C]. The host sums them per
+    request (``fuse.sum_positions``): a row holds a varying number of requests, which fixed-shape
+    totals could not."""
+    logits, state = apply(params, chunk.inputs, state, chunk.valid, starts=chunk.starts, branches=chunk.branches)
     _, target_log_probs, is_greedy = target_scores(logits, chunk.targets, scale_logits)
     return state, (target_log_probs, is_greedy)
 

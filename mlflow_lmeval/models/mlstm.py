@@ -98,65 +98,103 @@ def init_state(config: MLSTMConfig, batch_size: int) -> State:
     )
 
 
-def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None):
+def _by_source(source, incoming, branch, fresh):
+    """``incoming``, ``branch`` or ``fresh`` by where each position's sequence began from
+    (``source``: None, all from the incoming state; else int [..., T] of 0, 1, 2 in that order)."""
+    if source is None:
+        return incoming
+    return jnp.where(source == 0, incoming, jnp.where(source == 1, branch, fresh))
+
+
+def _sources(starts, branches, length):
+    """Each position's sequence (int32 [B, 1, T], 0: the one the incoming state continues), what
+    that sequence began from (int32 [B, 1, T], see ``_by_source``), and its first position (int
+    [B, 1, T])."""
+    starts = jnp.zeros_like(branches) if starts is None else starts
+    branches = jnp.zeros_like(starts) if branches is None else branches
+    begins = starts | branches
+    sequence = jnp.cumsum(begins, axis=-1, dtype=jnp.int32)
+    first = jax.lax.cummax(jnp.where(begins, jnp.arange(length), 0), axis=1)
+    source = jnp.where(sequence == 0, 0, jnp.where(jnp.take_along_axis(starts, first, axis=1), 2, 1))
+    return sequence[:, None, :], source[:, None, :], first[:, None, :]
+
+
+def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None, branches=None, branch_state=None):
     """One segment of the mLSTM, all positions at once, starting from ``state``.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; log_i, log_f: [B, T, H];
-    state: (C [B,H,V,K], n [B,H,K], m [B,H]); starts: None or bool [B, T], True where a new
-    sequence starts from the fresh state (zeros) instead of continuing the one before it.
-    Returns h [B, T, H, V] and the state after the segment.
+    state: (C [B,H,V,K], n [B,H,K], m [B,H]).
+    ``starts``, ``branches``: None or bool [B, T]. At a start a new sequence begins from the fresh
+    state (zeros); at a branch one begins from ``branch_state`` (default ``state``), so that
+    several continuations of one context can share a row. Neither sees the positions before it.
+    Returns h [B, T, H, V] and the state after the segment (of its last sequence).
     """
     c0, n0, m0 = state
+    cb, nb, mb = state if branch_state is None else branch_state
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, D]
     log_i, log_f = log_i.transpose(0, 2, 1), log_f.transpose(0, 2, 1)  # [B, H, T]
     length = q.shape[2]
 
     decay = jnp.cumsum(log_f, axis=-1)  # log of the product of forget gates up to t
     causal = jnp.tril(jnp.ones((length, length), bool))
-    # ``carried``: positions that continue the incoming state; ``since_start``: the log decay
-    # since each position's sequence began (the segment's start, for the incoming state).
-    carried, since_start, in_last = True, decay, True
-    if starts is not None:
-        sequence = jnp.cumsum(starts, axis=-1, dtype=jnp.int32)[:, None, :]  # [B, 1, T]; 0: the incoming one
+    # ``since_start``: the log decay since each position's sequence began (where the state it
+    # began from enters).
+    source, since_start, in_last = None, decay, True
+    if starts is not None or branches is not None:
+        sequence, source, first = _sources(starts, branches, length)
         causal = causal & (sequence[..., :, None] == sequence[..., None, :])
-        first = jax.lax.cummax(jnp.where(starts, jnp.arange(length), 0), axis=1)[:, None, :]
         decay_before_first = jnp.take_along_axis(decay - log_f, jnp.broadcast_to(first, decay.shape), axis=-1)
-        carried = sequence == 0
-        since_start = decay - jnp.where(carried, 0.0, decay_before_first)
+        since_start = decay - jnp.where(sequence == 0, 0.0, decay_before_first)
         in_last = sequence == sequence[..., -1:]
     log_w = jnp.where(causal, decay[..., :, None] - decay[..., None, :] + log_i[..., None, :], -jnp.inf)
-    # Weight of the incoming state at each position; a new sequence's fresh state has m = 0.
-    log_w0 = since_start + jnp.where(carried, m0[..., None], 0.0)
+    # Weight of the state each position's sequence began from; the fresh state has m = 0.
+    log_w0 = since_start + _by_source(source, m0[..., None], mb[..., None], 0.0)
     m = jnp.maximum(log_w.max(-1), log_w0)  # [B, H, T]; equals the recurrence's m_t
     w = jnp.exp(log_w - m[..., None])
-    w0 = jnp.where(carried, jnp.exp(log_w0 - m), 0.0)  # a fresh state's C and n are zero
+    w0 = jnp.exp(log_w0 - m)
+
+    def started(weight, at, c_term, n_term):
+        """The starting states' share of the numerator and denominator: ``weight`` on the incoming
+        state where ``at`` is 0, on ``branch_state`` where 1; a fresh state's C and n are zero."""
+        incoming = _by_source(at, weight, 0.0, 0.0)
+        numerator, denominator = c_term(c0, incoming), n_term(n0, incoming)
+        if branches is not None:
+            branch = jnp.where(at == 1, weight, 0.0)
+            numerator, denominator = numerator + c_term(cb, branch), denominator + n_term(nb, branch)
+        return numerator, denominator
 
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * w
-    numerator = scores @ v + w0[..., None] * jnp.einsum("bhde,bhte->bhtd", c0, q)
-    denominator = scores.sum(-1) + w0 * jnp.einsum("bhe,bhte->bht", n0, q)
+    state_numerator, state_denominator = started(
+        w0, source,
+        lambda c, weight: weight[..., None] * jnp.einsum("bhde,bhte->bhtd", c, q),
+        lambda n, weight: weight * jnp.einsum("bhe,bhte->bht", n, q))
+    numerator = scores @ v + state_numerator
+    denominator = scores.sum(-1) + state_denominator
     h = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m)) + eps)[..., None]
 
     # The state at the segment's end: only the last sequence's inputs count.
     log_w_end = jnp.where(in_last, decay[..., -1:] - decay + log_i, -jnp.inf)  # weight of each input
-    carried_end = carried if starts is None else carried[..., -1]
-    log_w0_end = since_start[..., -1] + jnp.where(carried_end, m0, 0.0)
+    source_end = None if source is None else source[..., -1]  # [B, 1]
+    log_w0_end = since_start[..., -1] + _by_source(source_end, m0, mb, 0.0)
     m_end = jnp.maximum(log_w_end.max(-1), log_w0_end)
     w_end = jnp.exp(log_w_end - m_end[..., None])
-    w0_end = jnp.where(carried_end, jnp.exp(log_w0_end - m_end), 0.0)
-    c_end = jnp.einsum("bht,bhtd,bhte->bhde", w_end, v, k) + w0_end[..., None, None] * c0
-    n_end = jnp.einsum("bht,bhte->bhe", w_end, k) + w0_end[..., None] * n0
+    state_c, state_n = started(jnp.exp(log_w0_end - m_end), source_end,
+                               lambda c, weight: weight[..., None, None] * c, lambda n, weight: weight[..., None] * n)
+    c_end = jnp.einsum("bht,bhtd,bhte->bhde", w_end, v, k) + state_c
+    n_end = jnp.einsum("bht,bhte->bhe", w_end, k) + state_n
     return h.transpose(0, 2, 1, 3), (c_end, n_end, m_end)
 
 
-def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: float = 0.0, starts=None):
+def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: float = 0.0, starts=None, branches=None):
     """``mlstm_parallel`` over consecutive segments with the state carried; shapes as there.
+    A branch in any segment begins from ``state``, the state the call began with.
 
     The tail is padded with masked positions (log i = -inf, log f = 0), which leave the state as
     it was, so any length works.
     """
     batch, length = q.shape[:2]
     if length <= segment_length:
-        return mlstm_parallel(q, k, v, log_i, log_f, state, eps, starts)
+        return mlstm_parallel(q, k, v, log_i, log_f, state, eps, starts, branches)
     segments = -(-length // segment_length)
     pad = segments * segment_length - length
 
@@ -165,26 +203,33 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: floa
         return jnp.moveaxis(x.reshape(batch, segments, segment_length, *x.shape[2:]), 1, 0)
 
     inputs = (split(q, 0.0), split(k, 0.0), split(v, 0.0), split(log_i, -jnp.inf), split(log_f, 0.0))
-    if starts is not None:
-        inputs += (split(starts, False),)
+    marks = {name: split(x, False) for name, x in (("starts", starts), ("branches", branches)) if x is not None}
+    branch_state = state if branches is not None else None
 
     def segment(carry, xs):
-        h, carry = mlstm_parallel(*xs[:5], carry, eps, *xs[5:])
+        h, carry = mlstm_parallel(*xs[0], carry, eps, **xs[1], branch_state=branch_state)
         return carry, h
 
-    state, h = jax.lax.scan(segment, state, inputs)
+    state, h = jax.lax.scan(segment, state, (inputs, marks))
     h = jnp.moveaxis(h, 0, 1).reshape(batch, segments * segment_length, *h.shape[3:])
     return h[:, :length], state
 
 
-def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None):
-    """The same as ``mlstm_parallel``, one token at a time; shapes as there."""
+def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None, branches=None):
+    """The same as ``mlstm_parallel``, one token at a time; shapes as there (a branch begins
+    from ``state``)."""
+
+    def restart(at, carry, to):
+        """``carry`` with the rows marked in ``at`` (bool [B]) replaced by ``to``."""
+        return tuple(jnp.where(at.reshape((-1,) + (1,) * (x.ndim - 1)), new, x) for x, new in zip(carry, to))
 
     def step(carry, inputs):
+        (q_t, k_t, v_t, log_i_t, log_f_t), marks = inputs  # [B, H, D] and [B, H]; bool [B]
+        if "starts" in marks:  # a new sequence from the fresh state
+            carry = restart(marks["starts"], carry, (0.0, 0.0, 0.0))
+        if "branches" in marks:  # a new sequence from the state the call began with
+            carry = restart(marks["branches"], carry, state)
         c, n, m = carry
-        q_t, k_t, v_t, log_i_t, log_f_t = inputs[:5]  # [B, H, D] and [B, H]
-        if starts is not None:  # a new sequence begins from the fresh state
-            c, n, m = (jnp.where(inputs[5].reshape((-1,) + (1,) * (x.ndim - 1)), 0.0, x) for x in (c, n, m))
         m_new = jnp.maximum(log_f_t + m, log_i_t)
         input_weight = jnp.exp(log_i_t - m_new)
         forget_weight = jnp.exp(log_f_t + m - m_new)
@@ -197,10 +242,10 @@ def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None)
         h_t = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m_new)) + eps)[..., None]
         return (c, n, m_new), h_t
 
-    sequences = (q, k, v, log_i, log_f) + (() if starts is None else (starts,))
-    time_major = [jnp.moveaxis(x, 1, 0) for x in sequences]
-    state, h = jax.lax.scan(step, state, time_major)
-    return jnp.moveaxis(h, 0, 1), state
+    marks = {name: x for name, x in (("starts", starts), ("branches", branches)) if x is not None}
+    time_major = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), ((q, k, v, log_i, log_f), marks))
+    end, h = jax.lax.scan(step, state, time_major)
+    return jnp.moveaxis(h, 0, 1), end
 
 
 def _gate_bias_init(num_heads: int):
@@ -219,7 +264,7 @@ class MLSTMBlock(nn.Module):
     config: MLSTMConfig
 
     @nn.compact
-    def __call__(self, x, state, mask, starts=None):
+    def __call__(self, x, state, mask, starts=None, branches=None):
         cfg = self.config
         batch, length, _ = x.shape
         heads, dim = cfg.num_heads, cfg.head_dim
@@ -239,9 +284,9 @@ class MLSTMBlock(nn.Module):
         log_f = jnp.where(keep, log_f, 0.0)
 
         if cfg.form == "chunkwise":
-            h, state = mlstm_chunkwise(q, k, v, log_i, log_f, state, cfg.segment_length, starts=starts)
+            h, state = mlstm_chunkwise(q, k, v, log_i, log_f, state, cfg.segment_length, starts=starts, branches=branches)
         else:
-            h, state = mlstm_recurrent(q, k, v, log_i, log_f, state, starts=starts)
+            h, state = mlstm_recurrent(q, k, v, log_i, log_f, state, starts=starts, branches=branches)
 
         # Per-head RMS norm keeps the output scale independent of the stabiliser.
         h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6)
@@ -251,17 +296,17 @@ class MLSTMBlock(nn.Module):
 
 
 class MLSTMLanguageModel(nn.Module):
-    """tokens [B, T] int32, state, mask [B, T] bool[, starts [B, T] bool] -> (logits [B, T, V] float32, state)."""
+    """tokens [B, T] int32, state, mask [B, T] bool[, starts, branches [B, T] bool] -> (logits [B, T, V] float32, state)."""
 
     config: MLSTMConfig
 
     @nn.compact
-    def __call__(self, tokens, state, mask, starts=None):
+    def __call__(self, tokens, state, mask, starts=None, branches=None):
         cfg = self.config
         x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(tokens)
         new_state = []
         for layer in range(cfg.num_layers):
-            x, layer_state = MLSTMBlock(cfg, name=f"block_{layer}")(x, state[layer], mask, starts)
+            x, layer_state = MLSTMBlock(cfg, name=f"block_{layer}")(x, state[layer], mask, starts, branches)
             new_state.append(layer_state)
         x = nn.LayerNorm(name="final_norm")(x)
         logits = nn.Dense(cfg.vocab_size, use_bias=False, name="unembed")(x)
@@ -279,8 +324,8 @@ def as_language_model(config: MLSTMConfig, params) -> LanguageModel:
     """The reference model under the model contract."""
     module = MLSTMLanguageModel(config)
 
-    def apply(params, tokens, state, mask, starts=None):
-        return module.apply({"params": params}, tokens, state, mask, starts)
+    def apply(params, tokens, state, mask, starts=None, branches=None):
+        return module.apply({"params": params}, tokens, state, mask, starts, branches)
 
     return LanguageModel(
         apply=apply,

@@ -8,7 +8,7 @@ A model is a pure step function plus its parameters::
 For a recurrent model, evaluating a sequence in chunks of any size gives the same logits as one
 full pass, and a position whose mask is False leaves the state unchanged. A stateless model
 (``init_state`` returns None) is evaluated with fixed-context windows instead. A packable model's
-apply also takes ``starts`` (see ``LanguageModel.packable``).
+apply also takes ``starts`` and ``branches`` (see ``LanguageModel.packable``).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ class LanguageModel:
     vocab_size: int
     has_state: bool  # False: init_state returns None, and the evaluator uses fixed-context windows
     context_length: int | None = None
-    # True: apply also takes ``starts`` (bool [B, T]; True where a new sequence begins from the
-    # fresh state of init_state, as if its row had been reset), so the evaluator may pack several
-    # requests into one row end to end instead of padding each row to its own length.
+    # True: apply also takes ``starts`` and ``branches`` (bool [B, T]). At a start a new sequence
+    # begins from the fresh state of init_state, at a branch from the state its row had when the
+    # call began; neither sees the positions before it. The evaluator then packs requests end to
+    # end in rows instead of padding each to its own row, and several continuations of one shared
+    # context into one row.
     packable: bool = False
 
 

@@ -214,13 +214,13 @@ class MultiHeadLayerNorm(nn.Module):
 
 
 class MLSTMLayer(nn.Module):
-    """x [B, T, D], state, mask [B, T][, starts [B, T]] -> (y [B, T, D], state)."""
+    """x [B, T, D], state, mask [B, T][, starts, branches [B, T]] -> (y [B, T, D], state)."""
 
     config: XLSTMConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, state, mask, starts=None):
+    def __call__(self, x, state, mask, starts=None, branches=None):
         cfg, dtype = self.config, self.dtype
         batch, length, _ = x.shape
         heads = cfg.num_heads
@@ -252,9 +252,9 @@ class MLSTMLayer(nn.Module):
         state_dtype = state[0].dtype
         cell_state = tuple(s.astype(compute) for s in state)
         if cfg.form == "chunkwise":
-            h, new_state = mlstm_chunkwise(q, k, v, log_i, log_f, cell_state, cfg.segment_length, cfg.eps, starts)
+            h, new_state = mlstm_chunkwise(q, k, v, log_i, log_f, cell_state, cfg.segment_length, cfg.eps, starts, branches)
         else:
-            h, new_state = mlstm_recurrent(q, k, v, log_i, log_f, cell_state, cfg.eps, starts)
+            h, new_state = mlstm_recurrent(q, k, v, log_i, log_f, cell_state, cfg.eps, starts, branches)
         new_state = tuple(s.astype(state_dtype) for s in new_state)
 
         norm = MultiHeadLayerNorm(cfg.norm_eps, cfg.use_bias, cfg.norm_reduction_force_float32, dtype, name="multihead_norm")
@@ -285,13 +285,13 @@ class XLSTMBlock(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, state, mask, starts=None):
+    def __call__(self, x, state, mask, starts=None, branches=None):
         cfg = self.config
 
         def norm(name):
             return RMSNorm(cfg.norm_eps, cfg.use_bias, cfg.norm_reduction_force_float32, self.dtype, name=name)
 
-        y, state = MLSTMLayer(cfg, self.dtype, name="mlstm_layer")(norm("norm_mlstm")(x), state, mask, starts)
+        y, state = MLSTMLayer(cfg, self.dtype, name="mlstm_layer")(norm("norm_mlstm")(x), state, mask, starts, branches)
         x = x + y
         x = x + FeedForward(cfg, self.dtype, name="ffn")(norm("norm_ffn")(x))
         return x, state
@@ -304,7 +304,7 @@ class Backbone(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, tokens, state, mask, starts=None):
+    def __call__(self, tokens, state, mask, starts=None, branches=None):
         cfg = self.config
         embeddings = self.param("embeddings", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), self.dtype)
         x = jnp.take(embeddings, tokens, axis=0)
@@ -312,7 +312,7 @@ class Backbone(nn.Module):
         # A Python loop, not a scan: each block's weights stay separate arrays, so loading never
         # needs a stacked copy of all blocks next to the per-block tensors.
         for index in range(cfg.num_blocks):
-            x, block_state = XLSTMBlock(cfg, self.dtype, name=f"blocks_{index}")(x, state[index], mask, starts)
+            x, block_state = XLSTMBlock(cfg, self.dtype, name=f"blocks_{index}")(x, state[index], mask, starts, branches)
             new_state.append(block_state)
         # transformers' out_norm: always applied, no bias, float32 reduction.
         x = RMSNorm(cfg.norm_eps, False, True, self.dtype, name="out_norm")(x)
@@ -320,14 +320,14 @@ class Backbone(nn.Module):
 
 
 class XLSTMForCausalLM(nn.Module):
-    """tokens [B, T] int32, state, mask [B, T] bool[, starts [B, T] bool] -> (logits [B, T, V] float32, state)."""
+    """tokens [B, T] int32, state, mask [B, T] bool[, starts, branches [B, T] bool] -> (logits [B, T, V] float32, state)."""
 
     config: XLSTMConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, state, mask, starts=None):
-        x, state = Backbone(self.config, self.dtype, name="backbone")(tokens, state, mask, starts)
+    def __call__(self, tokens, state, mask, starts=None, branches=None):
+        x, state = Backbone(self.config, self.dtype, name="backbone")(tokens, state, mask, starts, branches)
         logits = Linear(self.config.vocab_size, False, self.dtype, name="lm_head")(x).astype(jnp.float32)
         return soft_cap(logits, self.config.output_logit_soft_cap), state
 
@@ -367,8 +367,8 @@ def as_language_model(config: XLSTMConfig, params, *, dtype="float32") -> Langua
     """The model under the evaluator's contract. ``dtype`` is the dtype of the weights."""
     module = XLSTMForCausalLM(config, resolve_dtype(dtype))
 
-    def apply(params, tokens, state, mask, starts=None):
-        return module.apply({"params": params}, tokens, state, mask, starts)
+    def apply(params, tokens, state, mask, starts=None, branches=None):
+        return module.apply({"params": params}, tokens, state, mask, starts, branches)
 
     return LanguageModel(
         apply=apply,
