@@ -36,41 +36,53 @@ from mlflow_lmeval.models import mlstm
 TINY = {"embed_dim": 32, "num_layers": 2, "num_heads": 2}
 
 
-def run_in_chunks(model, params, tokens, chunk_size, mask=None, starts=None, state=None):
+def run_in_chunks(model, params, tokens, chunk_size, mask=None, marks=None, state=None):
     """Naive reference: feed ``tokens`` [B, T] through ``model.apply`` chunk by chunk (from
-    ``state``, else a fresh one; ``starts`` is passed on to a packable model when given)."""
+    ``state``, else a fresh one; ``marks``, (starts, branches), go to a packable model)."""
     batch, length = tokens.shape
     mask = np.ones((batch, length), bool) if mask is None else mask
     apply = jax.jit(model.apply)
     state, outputs = model.init_state(batch) if state is None else state, []
     for start in range(0, length, chunk_size):
         stop = start + chunk_size
-        extra = {} if starts is None else {"starts": starts[:, start:stop]}
+        extra = {} if marks is None else {"starts": marks[0][:, start:stop], "branches": marks[1][:, start:stop]}
         logits, state = apply(params, tokens[:, start:stop], state, mask[:, start:stop], **extra)
         outputs.append(np.asarray(logits))
     return np.concatenate(outputs, axis=1), state
 
 
-def check_starts_act_as_fresh_sequences(model, tokens, chunk_size, atol):
-    """Sequences packed end to end in the rows of ``tokens`` [2, T] (``starts`` marks where each
-    begins) give the logits and end states of each sequence run alone: from a fresh state, or, for
-    a row's first one, from the state its row came in with. Run in chunks of ``chunk_size``,
-    so starts fall inside chunks and at their edges."""
+def check_packed_sequences(model, tokens, chunk_size, atol):
+    """Sequences packed in the two rows of ``tokens`` (at least ``3 * chunk_size + 5`` long) and
+    run in chunks of ``chunk_size`` give the logits and end states of each sequence run alone:
+    from a fresh state at a start, from its context's end at a branch, and for a row's first one
+    from the state the row came in with. Starts and branches fall inside chunks and at their
+    edges, each branch in its context's last chunk or, after a context ending at a chunk's end,
+    in the next."""
     assert model.packable
-    length = tokens.shape[1]
-    starts = np.zeros(tokens.shape, bool)
-    starts[0, [5, 6, 40, length - 1]] = True  # a one-token sequence, and one at the last position
-    starts[1, [0, 2 * chunk_size]] = True
+    c = chunk_size
+    length = 3 * c + 5
+    tokens = tokens[:, :length]
+    starts, branches = np.zeros(tokens.shape, bool), np.zeros(tokens.shape, bool)
+    branches[0, [5, 6]] = True  # two continuations of the incoming sequence, one a single token
+    starts[0, [2 * c - 4, length - 1]] = True  # a context ending at a chunk's end; a last one-token sequence
+    branches[0, [2 * c, 2 * c + 5, 3 * c - 1]] = True  # its continuations, the last running on
+    starts[1, [0, 2 * c + 1]] = True
+    branches[1, [c, c + 3]] = True
     _, incoming = run_in_chunks(model, model.params, tokens[:, :30], 30)
-    packed_logits, packed_state = run_in_chunks(model, model.params, tokens, chunk_size, starts=starts, state=incoming)
+    packed_logits, packed_state = run_in_chunks(model, model.params, tokens, c, marks=(starts, branches), state=incoming)
     for row in range(2):
-        bounds = [0, *np.flatnonzero(starts[row]), length]
-        state = jax.tree.map(lambda leaf, row=row: leaf[row : row + 1], incoming)
+        bounds = [0, *np.flatnonzero(starts[row] | branches[row]), length]
+        state = context = jax.tree.map(lambda leaf, row=row: leaf[row : row + 1], incoming)
+        in_branch = False
         for begin, end in itertools.pairwise(bounds):
             if begin == end:
                 continue
-            fresh = model.init_state(1) if starts[row, begin] else state
-            logits, state = run_in_chunks(model, model.params, tokens[row : row + 1, begin:end], chunk_size, state=fresh)
+            if starts[row, begin]:
+                state, in_branch = model.init_state(1), False
+            elif branches[row, begin]:
+                context = context if in_branch else state
+                state, in_branch = context, True
+            logits, state = run_in_chunks(model, model.params, tokens[row : row + 1, begin:end], c, state=state)
             np.testing.assert_allclose(log_probs(packed_logits[row : row + 1, begin:end]), log_probs(logits), rtol=1e-5, atol=atol)
         for packed_leaf, leaf in zip(jax.tree.leaves(packed_state), jax.tree.leaves(state), strict=True):
             leaf = np.asarray(leaf)[0]

@@ -1,6 +1,7 @@
 """The engine: chunked == fixed-context == batched == naive, windows follow lm-eval, few traces."""
 
 import dataclasses
+import itertools
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mlflow_lmeval import from_linen_cache
 from mlflow_lmeval.engine import loop
-from mlflow_lmeval.engine.batching import plan_streams
+from mlflow_lmeval.engine.batching import plan_groups, plan_streams
 from mlflow_lmeval.engine.loop import Engine, EngineSettings
 from mlflow_lmeval.engine.requests import make_pieces, piece_counts
 
@@ -88,18 +89,52 @@ def test_packed_rows_equal_padded_rows(checkpoint, requests):
     assert packed_engine.computed_tokens < padded_engine.computed_tokens, (packed_engine.computed_tokens, padded_engine.computed_tokens)
 
 
+def row_spans(plan, lengths):
+    """Per row, its placements as (piece, start, end, branch), checked not to overlap."""
+    rows = []
+    for stream in plan.streams:
+        spans = sorted((start, start + int(lengths[index]), index, branch) for index, start, branch in stream)
+        assert all(end <= next_start for (_, end, _, _), (next_start, _, _, _) in itertools.pairwise(spans))
+        rows.append([(index, start, end, branch) for start, end, index, branch in spans])
+    return rows
+
+
 def test_stream_plans_hold_every_piece_once_in_balanced_rows():
     lengths = np.random.default_rng(0).integers(1, 300, 500)
     lengths[:2] = 5000  # longer than a row: each opens a batch of its own length
-    plans = plan_streams(lengths, 8, 64, 2048)
-    placed = [index for plan in plans for stream in plan.streams for index in stream]
+    plans = plan_streams(lengths, range(len(lengths)), 8, 64, 2048)
+    placed = [index for plan in plans for stream in plan.streams for index, _, _ in stream]
     assert sorted(placed) == list(range(len(lengths)))
     for plan in plans:
-        loads = [int(lengths[list(stream)].sum()) for stream in plan.streams]
-        assert plan.length % 64 == 0 and max(loads) <= plan.length < max(loads) + 64
-        assert max(loads) <= max(2048, max(lengths[list(stream)].max() for stream in plan.streams))
+        ends = [row[-1][2] for row in row_spans(plan, lengths)]
+        assert plan.length % 64 == 0 and max(ends) <= plan.length < max(ends) + 64
+        assert max(ends) <= max(2048, *(lengths[index] for stream in plan.streams for index, _, _ in stream))
     full = [plan for plan in plans[:-1] if len(plan.streams) == 8]
-    assert full and all(sum(lengths[list(s)].sum() for s in p.streams) > 0.9 * 8 * p.length for p in full)
+    assert full and all(sum(lengths[i] for s in p.streams for i, _, _ in s) > 0.9 * 8 * p.length for p in full)
+
+
+def test_group_plans_begin_every_continuation_in_its_contexts_last_chunk():
+    rng = np.random.default_rng(1)
+    groups, lengths = [], []
+    for _ in range(40):
+        prefix = len(lengths)
+        lengths.append(int(rng.integers(1, 150)))
+        continuations = list(range(len(lengths), len(lengths) + 4))
+        lengths.extend(int(n) for n in rng.integers(1, 40, 4))  # 4 x up to 40: some groups split
+        groups.append((prefix, continuations))
+    lengths = np.array(lengths)
+    plans = plan_groups(lengths, groups, 8, 64, 512)
+    branched = []
+    for plan in plans:
+        for row in row_spans(plan, lengths):
+            for index, start, end, branch in row:
+                if not branch:  # a prefix: its continuations begin in its last chunk, or the next at a chunk's end
+                    prefix, window_end = index, (end // 64 + 1) * 64
+                    assert prefix in {p for p, _ in groups}
+                else:
+                    assert start < window_end and any(p == prefix and index in c for p, c in groups)
+                    branched.append(index)
+    assert sorted(branched) == sorted(i for _, c in groups for i in c)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -234,8 +269,10 @@ def test_stateless_generate_equals_naive(stateless):
         assert tokens == sequence[len(context) :]
 
 
-def test_shared_contexts_run_once_and_give_the_same_results(checkpoint, long_documents):
-    """Several continuations of one context (multiple choice, few-shot) branch one context state."""
+@pytest.mark.parametrize("packable", [True, False])
+def test_shared_contexts_run_once_and_give_the_same_results(checkpoint, long_documents, packable):
+    """Several continuations of one context (multiple choice, few-shot) branch one context state:
+    in packed rows after the context (packable), or from a table of context states."""
     tok = checkpoint.tokenizer
     words = long_documents[1].split()
     requests = []
@@ -246,7 +283,9 @@ def test_shared_contexts_run_once_and_give_the_same_results(checkpoint, long_doc
     requests.append(([tok.bos_id], tok.encode(long_documents[2][:2000])))  # an unshared one among them
     results = {}
     for share in (False, True):
-        engine = Engine(checkpoint.model, EngineSettings(batch_size=4, chunk_size=16, share_prefixes=share, prefix_block=3))
+        model = dataclasses.replace(checkpoint.model, packable=packable)
+        # Chunks of 32: a context spans two, and its 4 short continuations fit in one.
+        engine = Engine(model, EngineSettings(batch_size=4, chunk_size=32, share_prefixes=share, prefix_block=3))
         results[share] = (engine.score(requests), engine.model_tokens)
     (plain, plain_tokens), (shared, shared_tokens) = results[False], results[True]
     np.testing.assert_allclose(shared.loglik, plain.loglik, rtol=1e-5, atol=1e-4)

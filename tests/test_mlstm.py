@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import check_starts_act_as_fresh_sequences, log_probs, run_in_chunks
+from conftest import check_packed_sequences, log_probs, run_in_chunks
 
 from mlflow_lmeval import load
 from mlflow_lmeval.models import mlstm
@@ -71,11 +71,11 @@ def test_masked_positions_are_skipped(weights, tokens, form):
 
 
 @pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
-def test_starts_begin_fresh_sequences(weights, tokens, form):
-    """What lets the engine pack requests end to end in a row."""
+def test_packed_sequences_equal_each_run_alone(weights, tokens, form):
+    """What lets the engine pack requests end to end in a row, and continuations after their context."""
     config, params = weights
     model = mlstm.as_language_model(dataclasses.replace(config, form=form, segment_length=16), params)
-    check_starts_act_as_fresh_sequences(model, tokens[:, :100], chunk_size=7 if form == "recurrent" else 37, atol=1e-5)
+    check_packed_sequences(model, tokens, chunk_size=7 if form == "recurrent" else 37, atol=1e-5)
 
 
 def test_presets(tokenizer):

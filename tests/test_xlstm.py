@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import check_starts_act_as_fresh_sequences, log_probs, run_in_chunks
+from conftest import check_packed_sequences, log_probs, run_in_chunks
 
 from mlflow_lmeval.errors import UserError
 from mlflow_lmeval.models import hf, xlstm
@@ -118,8 +118,8 @@ def test_masked_positions_act_as_removed(fused, long_tokens):
 
 
 @pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
-def test_starts_begin_fresh_sequences(fused, long_tokens, form):
-    check_starts_act_as_fresh_sequences(with_form(fused, form), long_tokens[:, :90], chunk_size=29, atol=1e-5)
+def test_packed_sequences_equal_each_run_alone(fused, long_tokens, form):
+    check_packed_sequences(with_form(fused, form), long_tokens, chunk_size=29, atol=1e-5)
 
 
 def test_bfloat16_weights_keep_the_state_dtype(reference):

@@ -28,13 +28,13 @@ class BatchPlan:
 
 @dataclasses.dataclass(frozen=True)
 class StreamPlan:
-    """Packed rows: row r holds the pieces ``streams[r]`` end to end, each from a fresh state, or
-    with ``branches`` each from the state its row starts from (``plan_branches``)."""
+    """Packed rows: ``streams[r]`` places pieces in row r as (piece index, offset, branch). A piece
+    starts from a fresh state, or with ``branch`` from the end of the latest piece before it that
+    is not a branch (``plan_groups``)."""
 
-    streams: tuple[tuple[int, ...], ...]  # longest row first
-    length: int  # padded length of every row
+    streams: tuple[tuple[tuple[int, int, bool], ...], ...]  # longest row first
+    length: int  # padded length of every row, a multiple of the chunk size
     rows: int | None = None  # as BatchPlan's
-    branches: bool = False
 
 
 def round_up(length: int, multiple: int) -> int:
@@ -68,64 +68,80 @@ def plan_batches(lengths: np.ndarray, batch_size: int, bucket: Callable[[int], i
     return plans
 
 
-def plan_streams(lengths: np.ndarray, batch_size: int, chunk_size: int, stream_length: int,
-                 rows: Callable[[int, int], int | None] | None = None) -> list[StreamPlan]:
-    """Pieces packed end to end into ``batch_size`` rows of at most ``stream_length`` positions
-    (or the batch's longest piece's length, if longer): the longest pieces first, each into the
-    row holding the fewest positions so far, then the shortest into the gaps left. Rows then end
-    within about one short piece of each other, so the padding is about a chunk per row per
-    batch, whatever the pieces' lengths. ``rows`` is as in ``plan_batches``, given the rows that
-    hold pieces."""
-    lengths = np.asarray(lengths)
-    pending = collections.deque(int(i) for i in np.argsort(-lengths, kind="stable"))
+def _pack_rows(items: list, place: Callable[[object, int], tuple[list, int]], batch_size: int, chunk_size: int,
+               row_length: int, rows: Callable[[int, int], int | None] | None) -> list[StreamPlan]:
+    """Items end to end in ``batch_size`` rows of at most ``row_length`` positions (or the batch's
+    largest item, if larger): the largest first, each into the row that ends soonest, then the
+    smallest into the gaps left. ``place(item, position)`` gives the item's placements starting
+    at ``position`` and the position after it. Rows then end within about one small item of each
+    other, so the padding is about a chunk per row per batch, whatever the items' sizes."""
+    sizes = [place(item, 0)[1] for item in items]
+    pending = collections.deque(sorted(range(len(items)), key=lambda i: -sizes[i]))
     plans = []
     while pending:
-        capacity = max(stream_length, int(lengths[pending[0]]))
-        loads = np.zeros(batch_size, np.int64)
-        streams: list[list[int]] = [[] for _ in range(batch_size)]
-        for longest in (True, False):
+        capacity = max(row_length, sizes[pending[0]])
+        ends = np.zeros(batch_size, np.int64)
+        placed: list[list] = [[] for _ in range(batch_size)]
+        for largest in (True, False):
             while pending:
-                row, index = int(np.argmin(loads)), pending[0] if longest else pending[-1]
-                if loads[row] + lengths[index] > capacity:
+                row = int(np.argmin(ends))
+                placements, end = place(items[pending[0] if largest else pending[-1]], int(ends[row]))
+                if end > capacity:
                     break
-                streams[row].append(pending.popleft() if longest else pending.pop())
-                loads[row] += lengths[index]
-        used = [r for r in np.argsort(-loads, kind="stable") if streams[r]]
-        length = round_up(int(loads.max()), chunk_size)
-        plans.append(StreamPlan(tuple(tuple(streams[r]) for r in used), length, rows(len(used), length) if rows else None))
+                pending.popleft() if largest else pending.pop()
+                placed[row].extend(placements)
+                ends[row] = end
+        used = [r for r in np.argsort(-ends, kind="stable") if placed[r]]
+        length = round_up(int(ends.max()), chunk_size)
+        plans.append(StreamPlan(tuple(tuple(placed[r]) for r in used), length, rows(len(used), length) if rows else None))
     return plans
 
 
-def plan_branches(lengths: np.ndarray, state_idx: np.ndarray, batch_size: int, width: int,
-                  bucket: Callable[[int], int], rows: Callable[[int, int], int | None] | None = None) -> list[StreamPlan]:
-    """Pieces that start from stored states (``state_idx``) in rows of one state each: the pieces
-    of a state end to end while they fit in ``width`` positions (a longer piece has a row of its
-    own), so that each begins within the row's first chunk, where a branch starts from the state
-    the row began with. Rows with the most positions first, ``batch_size`` at a time, each batch
-    ``bucket(its longest row)`` long; ``rows`` as in ``plan_batches``."""
-    lengths = np.asarray(lengths)
-    by_state: dict[int, list[int]] = {}
-    for index in np.argsort(-lengths, kind="stable"):
-        by_state.setdefault(int(state_idx[index]), []).append(int(index))
-    filled = []  # [positions, pieces] per row
-    for members in by_state.values():
-        state_rows: list[list] = []
-        for index in members:  # first fit, longest first
-            row = next((r for r in state_rows if r[0] + lengths[index] <= width), None)
-            if row is None:
-                state_rows.append([int(lengths[index]), [index]])
-            else:
-                row[0] += int(lengths[index])
-                row[1].append(index)
-        filled.extend(state_rows)
-    filled.sort(key=lambda row: -row[0])
-    plans = []
-    for first in range(0, len(filled), batch_size):
-        chosen = filled[first : first + batch_size]
-        length = bucket(chosen[0][0])
-        plans.append(StreamPlan(tuple(tuple(pieces) for _, pieces in chosen), length,
-                                rows(len(chosen), length) if rows else None, branches=True))
-    return plans
+def plan_streams(lengths: np.ndarray, indices: list[int], batch_size: int, chunk_size: int, row_length: int,
+                 rows: Callable[[int, int], int | None] | None = None) -> list[StreamPlan]:
+    """The pieces ``indices`` end to end in rows, each from a fresh state (``_pack_rows``);
+    ``rows`` as in ``plan_batches``, given the rows that hold pieces."""
+
+    def place(index, position):
+        return [(index, position, False)], position + int(lengths[index])
+
+    return _pack_rows(list(indices), place, batch_size, chunk_size, row_length, rows)
+
+
+def plan_groups(lengths: np.ndarray, groups: list[tuple[int, list[int]]], batch_size: int, chunk_size: int,
+                row_length: int) -> list[StreamPlan]:
+    """Shared contexts with their continuations, packed in rows (``groups``: (prefix index,
+    continuation indices)): each group's prefix (a piece, from a fresh state), then its
+    continuations, each a branch from the prefix's end. The model sees a prefix's positions only
+    in the chunk holding its last one (later chunks get its end state), so every continuation
+    must begin there, or in the next chunk when the prefix ends at a chunk's end: a prefix moves
+    on to end at a chunk's end when its continuations would not fit, and a group whose
+    continuations do not fit in one chunk is split, its prefix run once per part. Rows run at the
+    chunk size throughout."""
+    items = []
+    for prefix, continuations in groups:
+        part, used = [], 0
+        for index in sorted(continuations, key=lambda i: int(lengths[i])):  # the longest last: it may run on
+            if part and used >= chunk_size:
+                items.append((prefix, part))
+                part, used = [], 0
+            part.append(index)
+            used += int(lengths[index])
+        items.append((prefix, part))
+
+    def place(item, position):
+        prefix, continuations = item
+        end = position + int(lengths[prefix])
+        last_start = end + sum(int(lengths[i]) for i in continuations[:-1])
+        if last_start >= (end // chunk_size + 1) * chunk_size:
+            end = round_up(end, chunk_size)
+        placements = [(prefix, end - int(lengths[prefix]), False)]
+        for index in continuations:
+            placements.append((index, end, True))
+            end += int(lengths[index])
+        return placements, end
+
+    return _pack_rows(items, place, batch_size, chunk_size, row_length, None)
 
 
 class MaterializeBatch:
@@ -172,36 +188,32 @@ class MaterializeBatch:
         return batch
 
     def packed(self, plan: StreamPlan) -> dict[str, np.ndarray]:
-        """A StreamPlan's rows: inputs, targets, valid, scored, state_idx as in a BatchPlan's
-        batch, and starts (or with ``plan.branches``, branches): bool [B, L], each piece's first
-        position; piece: int32 [B, L], the index in the batch of each position's piece (-1:
+        """A StreamPlan's rows: inputs, targets, valid, scored as in a BatchPlan's batch, and
+        starts, branches: bool [B, L], the first position of each piece placed fresh or as a
+        branch; piece: int32 [B, L], the index in the batch of each position's piece (-1:
         padding); position: int32 [B, L], each target's index in its request; document_idx,
-        sequence_idx: int32 [P], the batch's P pieces in order."""
+        sequence_idx: int32 [P], the batch's P pieces in order (a shared context's prefix: 0)."""
         rows, length = plan.rows or self.batch_size, plan.length
         batch = {name: np.zeros((rows, length), bool) for name in ("valid", "scored", "starts", "branches")}
-        marks = batch["branches" if plan.branches else "starts"]
-        batch["state_idx"] = np.zeros((rows,), np.int32)
         for name in ("inputs", "targets", "position"):
             batch[name] = np.zeros((rows, length), np.int32)
         batch["piece"] = np.full((rows, length), -1, np.int32)
-        members = [index for stream in plan.streams for index in stream]
+        members = [index for stream in plan.streams for index, _, _ in stream]
         batch["document_idx"] = np.array([self.pieces[i].document_idx for i in members], np.int32)
         batch["sequence_idx"] = np.array([self.pieces[i].sequence_idx for i in members], np.int32)
         slot = 0
         for row, stream in enumerate(plan.streams):
-            start = 0
-            for index in stream:
+            for index, start, branch in stream:
                 piece = self.pieces[index]
                 end = start + piece.length
                 batch["inputs"][row, start:end] = piece.inputs
                 batch["targets"][row, start:end] = piece.targets
                 batch["valid"][row, start:end] = True
                 batch["scored"][row, end - piece.num_scored : end] = True
-                marks[row, start] = True
-                batch["state_idx"][row] = piece.state_idx
+                batch["branches" if branch else "starts"][row, start] = True
                 batch["piece"][row, start:end] = slot
                 batch["position"][row, start:end] = piece.first_position + np.arange(piece.length)
-                start, slot = end, slot + 1
+                slot += 1
         return batch
 
 

@@ -28,7 +28,7 @@ from .batching import (
     MaterializeBatch,
     batch_stream,
     plan_batches,
-    plan_branches,
+    plan_groups,
     plan_streams,
     power_of_two_bucket,
     round_up,
@@ -237,7 +237,9 @@ class Engine:
             state = jax.device_put(states.take(batch["state_idx"]), self._rows)
         chunk_size = self.settings.chunk_size
         bucketed = self.model.has_state and length > ROW_BUCKET_MIN_LENGTH
-        shrink = shrink and bucketed
+        # A branch must begin in the chunk where its context ends (plan_groups): such a batch
+        # keeps all its rows at the chunk width, so the chunks stay where the plan put them.
+        shrink = shrink and bucketed and not (packed and batch["branches"].any())
         running = rows
         if shrink:
             # One past each row's last real position, read once per batch (scanning the rest of
@@ -300,25 +302,24 @@ class Engine:
                 whole[: len(first)] = first
         return merged
 
-    def _run(self, pieces: list[Piece], on_batch: Callable[[dict, Totals, object], None], states=None,
-             keep_state: bool = False) -> None:
-        """Run all pieces; ``on_batch(batch, host_totals, device_state)`` gets each batch's results
-        (the state of every row only with ``keep_state``).
+    def _run(self, pieces: list[Piece], on_batch: Callable[[dict, object, object], None], states=None,
+             keep_state: bool = False, plans=None) -> None:
+        """Run all pieces (by ``plans`` when given); ``on_batch(batch, host results, device
+        state)`` gets each batch's results, a Totals or for a packed batch ``merge_positions``'
+        arrays (and the state of every row only with ``keep_state``).
 
         The next batch is dispatched before the previous one's totals are read, so the device
         never waits for the host between batches.
         """
         if not pieces:
             return
-        lengths = np.array([p.length for p in pieces])
-        chunk = self.settings.chunk_size
-        if not self.packs or keep_state:  # a packed row's end state is its last piece's alone
-            plans = plan_batches(lengths, self.batch_size, self._bucket, self._rows_for)
-        elif states is None:
-            plans = plan_streams(lengths, self.batch_size, chunk, PACKED_ROW_LENGTH, self._rows_for)
-        else:
-            state_idx = np.array([p.state_idx for p in pieces])
-            plans = plan_branches(lengths, state_idx, self.batch_size, chunk, self._bucket, self._rows_for)
+        if plans is None:
+            lengths = np.array([p.length for p in pieces])
+            if self.packs and states is None and not keep_state:  # a packed row's end state is its last piece's alone
+                plans = plan_streams(lengths, range(len(pieces)), self.batch_size, self.settings.chunk_size,
+                                     PACKED_ROW_LENGTH, self._rows_for)
+            else:
+                plans = plan_batches(lengths, self.batch_size, self._bucket, self._rows_for)
         stream = batch_stream(
             pieces, plans, self.batch_size,
             worker_count=self.settings.worker_count, worker_buffer_size=self.settings.worker_buffer_size,
@@ -371,7 +372,7 @@ class Engine:
             pieces = [p for p in pieces if (p.document_idx, p.sequence_idx) in wanted]
         return [self._score_pieces(pieces, on_batch=on_batch)]
 
-    def _score_pieces(self, pieces: list[Piece], states: StateTable | None = None, on_batch=None) -> PieceResults:
+    def _score_pieces(self, pieces: list[Piece], states: StateTable | None = None, on_batch=None, plans=None) -> PieceResults:
         parts = []
 
         def collect(batch, results, _state):
@@ -388,7 +389,7 @@ class Engine:
             if on_batch is not None:
                 on_batch(part)
 
-        self._run(pieces, collect, states)
+        self._run(pieces, collect, states, plans=plans)
         return PieceResults.concatenate(parts)
 
     def _score_shared(self, requests, pending: set[int], on_batch) -> list[PieceResults]:
@@ -396,6 +397,8 @@ class Engine:
         order = sorted(pending)
         prefixes, pieces = share_contexts([requests[d - 1] for d in order])
         pieces = [dataclasses.replace(p, document_idx=order[p.document_idx - 1]) for p in pieces]
+        if self.packs:
+            return [self._score_packed_groups(pieces, prefixes, on_batch)]
         parts = [self._score_pieces([p for p in pieces if p.state_idx == 0], on_batch=on_batch)]
         block = self.settings.prefix_block
         for first in range(0, len(prefixes), block):
@@ -407,6 +410,21 @@ class Engine:
             ]
             parts.append(self._score_pieces(members, states, on_batch=on_batch))
         return parts
+
+    def _score_packed_groups(self, pieces: list[Piece], prefixes: list[np.ndarray], on_batch) -> PieceResults:
+        """``_score_shared`` for a packable model: no states stored. Each shared context's prefix
+        runs in a packed row just before its continuations, which branch from its end."""
+        prefix_pieces = [Piece(0, 0, prefix, np.zeros_like(prefix), 0) for prefix in prefixes]
+        everything = pieces + prefix_pieces  # prefix k (1-based) is piece len(pieces) + k - 1
+        members: dict[int, list[int]] = {}
+        for index, piece in enumerate(pieces):
+            members.setdefault(piece.state_idx, []).append(index)
+        lengths = np.array([p.length for p in everything])
+        chunk = self.settings.chunk_size
+        plans = plan_streams(lengths, members.pop(0, []), self.batch_size, chunk, PACKED_ROW_LENGTH, self._rows_for)
+        groups = [(len(pieces) + k - 1, continuations) for k, continuations in sorted(members.items())]
+        plans += plan_groups(lengths, groups, self.batch_size, chunk, PACKED_ROW_LENGTH)
+        return self._score_pieces(everything, on_batch=on_batch, plans=plans)
 
     def _prefix_states(self, prefixes: list[np.ndarray]) -> StateTable:
         """The state after each of at most ``prefix_block`` prefixes (a masked tail leaves each

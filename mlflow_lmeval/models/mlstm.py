@@ -98,102 +98,102 @@ def init_state(config: MLSTMConfig, batch_size: int) -> State:
     )
 
 
-def _by_source(source, incoming, branch, fresh):
-    """``incoming``, ``branch`` or ``fresh`` by where each position's sequence began from
-    (``source``: None, all from the incoming state; else int [..., T] of 0, 1, 2 in that order)."""
-    if source is None:
-        return incoming
-    return jnp.where(source == 0, incoming, jnp.where(source == 1, branch, fresh))
-
-
-def _sources(starts, branches, length):
-    """Each position's sequence (int32 [B, 1, T], 0: the one the incoming state continues), what
-    that sequence began from (int32 [B, 1, T], see ``_by_source``), and its first position (int
-    [B, 1, T])."""
+def _tree(starts, branches, length):
+    """Where packed sequences begin, as index arrays (each int [B, 1, T], for one position ``t``):
+    ``sequence``: its sequence's number (0: the one the incoming state continues); ``first``: its
+    sequence's first position; ``root``: the first position of its trunk, the latest sequence not
+    begun by a branch (0 for the incoming one); ``fresh``: whether the trunk began from the fresh
+    state; and, with ``branches``, ``in_branch`` (bool) and ``trunk_end``, for a position in a
+    branch its trunk's last position (-1: the trunk ended before this call)."""
+    positions = jnp.arange(length)
     starts = jnp.zeros_like(branches) if starts is None else starts
-    branches = jnp.zeros_like(starts) if branches is None else branches
-    begins = starts | branches
+    begins = starts if branches is None else starts | branches
     sequence = jnp.cumsum(begins, axis=-1, dtype=jnp.int32)
-    first = jax.lax.cummax(jnp.where(begins, jnp.arange(length), 0), axis=1)
-    source = jnp.where(sequence == 0, 0, jnp.where(jnp.take_along_axis(starts, first, axis=1), 2, 1))
-    return sequence[:, None, :], source[:, None, :], first[:, None, :]
+    first = jax.lax.cummax(jnp.where(begins, positions, 0), axis=1)
+    root = jax.lax.cummax(jnp.where(starts, positions, 0), axis=1)
+    fresh = jnp.take_along_axis(starts, root, axis=1)
+    in_branch = trunk_end = None
+    if branches is not None:
+        next_branch = jax.lax.cummin(jnp.where(branches, positions, length), axis=1, reverse=True)
+        trunk_end = jnp.take_along_axis(next_branch, root, axis=1)[:, None, :] - 1
+        in_branch = (jnp.take_along_axis(branches, first, axis=1) & (sequence > 0))[:, None, :]
+    return sequence[:, None, :], first[:, None, :], root[:, None, :], fresh[:, None, :], in_branch, trunk_end
 
 
-def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None, branches=None, branch_state=None):
+def mlstm_parallel(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None, branches=None):
     """One segment of the mLSTM, all positions at once, starting from ``state``.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; log_i, log_f: [B, T, H];
     state: (C [B,H,V,K], n [B,H,K], m [B,H]).
-    ``starts``, ``branches``: None or bool [B, T]. At a start a new sequence begins from the fresh
-    state (zeros); at a branch one begins from ``branch_state`` (default ``state``), so that
-    several continuations of one context can share a row. Neither sees the positions before it.
-    Returns h [B, T, H, V] and the state after the segment (of its last sequence).
+    ``starts``, ``branches``: None or bool [B, T], for several sequences packed in a row. At a
+    start a new sequence begins from the fresh state (zeros). At a branch one begins from the
+    state at the end of its trunk, the latest sequence not begun by a branch: several
+    continuations of one context follow it, each seeing the context and itself only. A trunk that
+    ended before this call must have ended just before it (its state is ``state``).
+    Returns h [B, T, H, V] and the state after the segment (that of its last position's path).
     """
     c0, n0, m0 = state
-    cb, nb, mb = state if branch_state is None else branch_state
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, D]
     log_i, log_f = log_i.transpose(0, 2, 1), log_f.transpose(0, 2, 1)  # [B, H, T]
     length = q.shape[2]
 
     decay = jnp.cumsum(log_f, axis=-1)  # log of the product of forget gates up to t
     causal = jnp.tril(jnp.ones((length, length), bool))
-    # ``since_start``: the log decay since each position's sequence began (where the state it
-    # began from enters).
-    source, since_start, in_last = None, decay, True
+    # ``path``: the log decay from the call's start to each position along the positions whose
+    # inputs reach it (its path); ``entry``: the log decay where the state it started from enters,
+    # and ``incoming``: whether that state is ``state`` (else the fresh one: C = n = m = 0).
+    path, entry, incoming = decay, 0.0, None
     if starts is not None or branches is not None:
-        sequence, source, first = _sources(starts, branches, length)
+        sequence, first, root, fresh, in_branch, trunk_end = _tree(starts, branches, length)
+
+        def take(values, index):  # each position's ``index`` [B, 1, T] entry of ``values`` [B, H, T]
+            return jnp.take_along_axis(values, jnp.broadcast_to(index, values.shape), axis=-1)
+
+        decay_before = decay - log_f
+        incoming = ~fresh
+        entry = jnp.where(incoming, 0.0, take(decay_before, root))
         causal = causal & (sequence[..., :, None] == sequence[..., None, :])
-        decay_before_first = jnp.take_along_axis(decay - log_f, jnp.broadcast_to(first, decay.shape), axis=-1)
-        since_start = decay - jnp.where(sequence == 0, 0.0, decay_before_first)
-        in_last = sequence == sequence[..., -1:]
-    log_w = jnp.where(causal, decay[..., :, None] - decay[..., None, :] + log_i[..., None, :], -jnp.inf)
-    # Weight of the state each position's sequence began from; the fresh state has m = 0.
-    log_w0 = since_start + _by_source(source, m0[..., None], mb[..., None], 0.0)
+        if branches is not None:  # a branch's path runs through its trunk, up to the trunk's end
+            trunk_decay = jnp.where(trunk_end >= 0, take(decay, jnp.maximum(trunk_end, 0)), 0.0)
+            path = jnp.where(in_branch, trunk_decay + decay - take(decay_before, first), decay)
+            on_trunk = in_branch[..., :, None] & (root[..., :, None] <= jnp.arange(length)) & (
+                jnp.arange(length) <= trunk_end[..., :, None])  # the trunk ends before the branch
+            causal = causal | on_trunk
+    log_w = jnp.where(causal, path[..., :, None] - path[..., None, :] + log_i[..., None, :], -jnp.inf)
+    # Weight of the state each position started from; the fresh state has m = 0.
+    m_in = m0[..., None] if incoming is None else jnp.where(incoming, m0[..., None], 0.0)
+    log_w0 = path - entry + m_in
     m = jnp.maximum(log_w.max(-1), log_w0)  # [B, H, T]; equals the recurrence's m_t
     w = jnp.exp(log_w - m[..., None])
     w0 = jnp.exp(log_w0 - m)
-
-    def started(weight, at, c_term, n_term):
-        """The starting states' share of the numerator and denominator: ``weight`` on the incoming
-        state where ``at`` is 0, on ``branch_state`` where 1; a fresh state's C and n are zero."""
-        incoming = _by_source(at, weight, 0.0, 0.0)
-        numerator, denominator = c_term(c0, incoming), n_term(n0, incoming)
-        if branches is not None:
-            branch = jnp.where(at == 1, weight, 0.0)
-            numerator, denominator = numerator + c_term(cb, branch), denominator + n_term(nb, branch)
-        return numerator, denominator
+    if incoming is not None:
+        w0 = jnp.where(incoming, w0, 0.0)  # a fresh state's C and n are zero
 
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * w
-    state_numerator, state_denominator = started(
-        w0, source,
-        lambda c, weight: weight[..., None] * jnp.einsum("bhde,bhte->bhtd", c, q),
-        lambda n, weight: weight * jnp.einsum("bhe,bhte->bht", n, q))
-    numerator = scores @ v + state_numerator
-    denominator = scores.sum(-1) + state_denominator
+    numerator = scores @ v + w0[..., None] * jnp.einsum("bhde,bhte->bhtd", c0, q)
+    denominator = scores.sum(-1) + w0 * jnp.einsum("bhe,bhte->bht", n0, q)
     h = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m)) + eps)[..., None]
 
-    # The state at the segment's end: only the last sequence's inputs count.
-    log_w_end = jnp.where(in_last, decay[..., -1:] - decay + log_i, -jnp.inf)  # weight of each input
-    source_end = None if source is None else source[..., -1]  # [B, 1]
-    log_w0_end = since_start[..., -1] + _by_source(source_end, m0, mb, 0.0)
-    m_end = jnp.maximum(log_w_end.max(-1), log_w0_end)
+    # The state after the last position: its path's inputs and starting state.
+    log_w_end = log_w[..., -1, :]  # weight of each input
+    m_end = m[..., -1]
     w_end = jnp.exp(log_w_end - m_end[..., None])
-    state_c, state_n = started(jnp.exp(log_w0_end - m_end), source_end,
-                               lambda c, weight: weight[..., None, None] * c, lambda n, weight: weight[..., None] * n)
-    c_end = jnp.einsum("bht,bhtd,bhte->bhde", w_end, v, k) + state_c
-    n_end = jnp.einsum("bht,bhte->bhe", w_end, k) + state_n
+    w0_end = w0[..., -1]
+    c_end = jnp.einsum("bht,bhtd,bhte->bhde", w_end, v, k) + w0_end[..., None, None] * c0
+    n_end = jnp.einsum("bht,bhte->bhe", w_end, k) + w0_end[..., None] * n0
     return h.transpose(0, 2, 1, 3), (c_end, n_end, m_end)
 
 
 def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: float = 0.0, starts=None, branches=None):
     """``mlstm_parallel`` over consecutive segments with the state carried; shapes as there.
-    A branch in any segment begins from ``state``, the state the call began with.
 
     The tail is padded with masked positions (log i = -inf, log f = 0), which leave the state as
-    it was, so any length works.
+    it was, so any length works. With branches the call runs as one segment: a branch needs its
+    trunk's positions, which an earlier segment would have folded into a state it no longer has
+    (the packed calls that carry branches are at most a few chunks long).
     """
     batch, length = q.shape[:2]
-    if length <= segment_length:
+    if length <= segment_length or branches is not None:
         return mlstm_parallel(q, k, v, log_i, log_f, state, eps, starts, branches)
     segments = -(-length // segment_length)
     pad = segments * segment_length - length
@@ -203,11 +203,10 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: floa
         return jnp.moveaxis(x.reshape(batch, segments, segment_length, *x.shape[2:]), 1, 0)
 
     inputs = (split(q, 0.0), split(k, 0.0), split(v, 0.0), split(log_i, -jnp.inf), split(log_f, 0.0))
-    marks = {name: split(x, False) for name, x in (("starts", starts), ("branches", branches)) if x is not None}
-    branch_state = state if branches is not None else None
+    marks = {} if starts is None else {"starts": split(starts, False)}
 
     def segment(carry, xs):
-        h, carry = mlstm_parallel(*xs[0], carry, eps, **xs[1], branch_state=branch_state)
+        h, carry = mlstm_parallel(*xs[0], carry, eps, **xs[1])
         return carry, h
 
     state, h = jax.lax.scan(segment, state, (inputs, marks))
@@ -216,8 +215,7 @@ def mlstm_chunkwise(q, k, v, log_i, log_f, state, segment_length: int, eps: floa
 
 
 def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None, branches=None):
-    """The same as ``mlstm_parallel``, one token at a time; shapes as there (a branch begins
-    from ``state``)."""
+    """The same as ``mlstm_parallel``, one token at a time; shapes as there."""
 
     def restart(at, carry, to):
         """``carry`` with the rows marked in ``at`` (bool [B]) replaced by ``to``."""
@@ -225,10 +223,14 @@ def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None,
 
     def step(carry, inputs):
         (q_t, k_t, v_t, log_i_t, log_f_t), marks = inputs  # [B, H, D] and [B, H]; bool [B]
+        # ``trunk``: the state at the end of the latest sequence not begun by a branch.
+        carry, trunk, in_branch = carry
         if "starts" in marks:  # a new sequence from the fresh state
             carry = restart(marks["starts"], carry, (0.0, 0.0, 0.0))
-        if "branches" in marks:  # a new sequence from the state the call began with
-            carry = restart(marks["branches"], carry, state)
+            in_branch = in_branch & ~marks["starts"]
+        if "branches" in marks:  # a new sequence from the end of the trunk
+            carry = restart(marks["branches"], carry, trunk)
+            in_branch = in_branch | marks["branches"]
         c, n, m = carry
         m_new = jnp.maximum(log_f_t + m, log_i_t)
         input_weight = jnp.exp(log_i_t - m_new)
@@ -240,11 +242,13 @@ def mlstm_recurrent(q, k, v, log_i, log_f, state, eps: float = 0.0, starts=None,
         numerator = jnp.einsum("bhde,bhe->bhd", c, q_t)
         denominator = jnp.einsum("bhe,bhe->bh", n, q_t)
         h_t = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m_new)) + eps)[..., None]
-        return (c, n, m_new), h_t
+        carry = (c, n, m_new)
+        trunk = restart(~in_branch, trunk, carry)
+        return (carry, trunk, in_branch), h_t
 
     marks = {name: x for name, x in (("starts", starts), ("branches", branches)) if x is not None}
     time_major = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), ((q, k, v, log_i, log_f), marks))
-    end, h = jax.lax.scan(step, state, time_major)
+    (end, _, _), h = jax.lax.scan(step, (state, state, jnp.zeros(q.shape[0], bool)), time_major)
     return jnp.moveaxis(h, 0, 1), end
 
 

@@ -35,10 +35,11 @@ class LanguageModel:
     has_state: bool  # False: init_state returns None, and the evaluator uses fixed-context windows
     context_length: int | None = None
     # True: apply also takes ``starts`` and ``branches`` (bool [B, T]). At a start a new sequence
-    # begins from the fresh state of init_state, at a branch from the state its row had when the
-    # call began; neither sees the positions before it. The evaluator then packs requests end to
-    # end in rows instead of padding each to its own row, and several continuations of one shared
-    # context into one row.
+    # begins from the fresh state of init_state; at a branch one begins from the end of the
+    # latest sequence not begun by a branch (its context), which ended in this call or just
+    # before it. A sequence sees only its own positions and its context's. The evaluator then
+    # packs requests end to end in rows instead of padding each to its own row, and runs the
+    # continuations of a shared context right after it.
     packable: bool = False
 
 
