@@ -154,6 +154,9 @@ class Engine:
         packed = functools.partial(step.score_packed, model.apply, settings.scale_logits)
         self._packed_step = jax.jit(self._counted(packed), donate_argnums=(1,))
         self._decode = jax.jit(self._counted(functools.partial(step.decode, model.apply)), static_argnums=(3,))
+        # One dispatch for a batch's fresh state: op by op, its arrays (three per layer) took 0.12 s
+        # of a 1.1 s B1 tiny evaluation on this CPU (cProfile, 4 batches).
+        self._fresh_state = jax.jit(model.init_state, static_argnums=(0,))
         # The first rows of a row-sharded pytree, sharded again over every device.
         self._first_rows = jax.jit(lambda tree, rows: jax.tree.map(lambda leaf: leaf[:rows], tree),
                                    static_argnums=(1,), out_shardings=self._rows)
@@ -226,7 +229,7 @@ class Engine:
         self.model_tokens += int(batch["valid"].sum())
         # One transfer per batch and one per chunk: on CPU each call costs about as much as a
         # small step, so the arrays of a step travel together.
-        fresh = self.model.init_state(rows) if states is None and self.model.has_state else None
+        fresh = self._fresh_state(rows) if states is None and self.model.has_state else None
         if packed:
             state, parts = self._put(fresh, self._rows), []
         else:
