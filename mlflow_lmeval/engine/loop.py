@@ -1,8 +1,10 @@
 """The host loop: fixed-shape batches through the jitted step, state carried over chunks.
 
 One step (``step.score_chunk``) takes a chunk ``[B, C]`` of a batch and adds to per-row totals
-kept on the device; the host reads the totals once per batch. The batch axis is sharded over a
-``data`` mesh axis spanning every device.
+kept on the device; the host reads the totals once per batch. A packable model's rows instead hold
+several requests end to end (``plan_streams``), and a shared context with its continuations
+(``plan_groups``); its step (``step.score_packed``) returns each position's score, which the host
+sums per request. The batch axis is sharded over a ``data`` mesh axis spanning every device.
 
 With several JAX processes (``distributed.py``) the mesh spans every process's devices; process 0
 broadcasts each ``score``/``generate`` call before making it, and the others make the same call
@@ -41,7 +43,7 @@ from .step import Chunk, Totals
 MODES = ("recurrent", "windowed")
 # A batch longer than this (positions) runs only as many rows as it needs (a power-of-two bucket,
 # see ``row_bucket``): fewer real rows from the start, and fewer again once its shorter rows have
-# ended. Each bucket below the batch size is one more step compilation (at most log2 of the batch
+# ended while its longest has more than this many positions left. Each bucket below the batch size is one more step compilation (at most log2 of the batch
 # size of them); a short batch would save less time than that compilation costs. Fewer rows run
 # wider chunks, rows x width staying batch size x chunk size (so the same memory): on this CPU one
 # row at 512 positions runs 1.5-1.7x the cells/s of one row at 64 (benchmarks/README.md), and on
@@ -67,7 +69,7 @@ class EngineSettings:
     dtype: str | None = None  # the floating-point params' dtype while evaluating; None: as the model has them
     generation_block: int = 16  # tokens decoded per host check of the stop conditions
     share_prefixes: bool = True  # recurrent mode: run a context shared by several requests once
-    prefix_block: int = 64  # shared contexts whose states are held at once (bounds memory)
+    prefix_block: int = 64  # shared contexts whose states are held at once (bounds memory; a packable model holds none)
 
     def __post_init__(self):
         if self.mode not in MODES:
