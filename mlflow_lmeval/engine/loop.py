@@ -288,9 +288,11 @@ class Engine:
         """Host arrays [rows, length] of a packed batch's target log-probabilities and greedy flags
         from ``_run_batch``'s parts, one per chunk (rows dropped once ended read as zeros)."""
         log_probs, greedy = np.zeros((rows, length), np.float32), np.zeros((rows, length), bool)
+        # One transfer of all the parts; with several processes one part at a time, so that
+        # _host (which jit traces per structure) compiles once.
+        fetched = jax.device_get(parts) if self._host is None else [self._fetch(part) for part in parts]
         start = 0
-        for part in parts:  # one at a time: the same structure each time, so _host compiles once
-            chunk_log_probs, chunk_greedy = self._fetch(part)
+        for chunk_log_probs, chunk_greedy in fetched:
             running, width = chunk_log_probs.shape
             end = min(start + width, length)
             log_probs[:running, start:end] = chunk_log_probs[:, : end - start]
