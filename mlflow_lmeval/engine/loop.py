@@ -244,7 +244,7 @@ class Engine:
         bucketed = self.model.has_state and length > ROW_BUCKET_MIN_LENGTH
         # A branch must begin in the chunk where its context ends (plan_groups): such a batch
         # keeps all its rows at the chunk width, so the chunks stay where the plan put them.
-        shrink = shrink and bucketed and not (packed and batch["branches"].any())
+        shrink = shrink and bucketed and "branches" not in batch
         running = rows
         if shrink:
             # One past each row's last real position, read once per batch (scanning the rest of
@@ -253,7 +253,7 @@ class Engine:
             ends = np.where(valid.any(1), length - np.argmax(valid[:, ::-1], axis=1), 0)
             longest = int(ends.max())
         width = min(chunk_size, length) if self.model.has_state else length
-        fields = Chunk._fields if packed else Chunk._fields[:4]
+        fields = [name for name in Chunk._fields if name in batch]
         start = 0
         while start < length:
             # Fewer rows only while the longest row has more than ROW_BUCKET_MIN_LENGTH positions
@@ -274,7 +274,7 @@ class Engine:
             if running < self.batch_size and arrays[0].shape[1] < width:
                 # Fewer rows run only full chunks, so row buckets add no tail shapes.
                 arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
-            chunk = self._put(Chunk(*arrays), self._rows)
+            chunk = self._put(Chunk(**dict(zip(fields, arrays))), self._rows)
             self.computed_tokens += arrays[0].size
             if packed:
                 state, scores = self._packed_step(self.params, state, chunk)
