@@ -43,8 +43,9 @@ from .step import Chunk, Totals
 MODES = ("recurrent", "windowed")
 # A batch longer than this (positions) runs only as many rows as it needs (a power-of-two bucket,
 # see ``row_bucket``): fewer real rows from the start, and fewer again once its shorter rows have
-# ended while its longest has more than this many positions left. Each bucket below the batch size is one more step compilation (at most log2 of the batch
-# size of them); a short batch would save less time than that compilation costs. Fewer rows run
+# ended while its longest has more than this many positions left. Each bucket below the batch size
+# is one more step compilation (at most log2 of the batch size of them); a short batch, or a
+# batch's short remainder, would save less time than that compilation costs. Fewer rows run
 # wider chunks, rows x width staying batch size x chunk size (so the same memory): on this CPU one
 # row at 512 positions runs 1.5-1.7x the cells/s of one row at 64 (benchmarks/README.md), and on
 # an accelerator a narrow step leaves most of the chip idle. The number of step shapes is the same.
