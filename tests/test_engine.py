@@ -129,12 +129,35 @@ def test_group_plans_begin_every_continuation_in_its_contexts_last_chunk():
         for row in row_spans(plan, lengths):
             for index, start, end, branch in row:
                 if not branch:  # a prefix: its continuations begin in its last chunk, or the next at a chunk's end
-                    prefix, window_end = index, (end // 64 + 1) * 64
+                    prefix, prefix_end = index, end
                     assert prefix in {p for p, _ in groups}
                 else:
-                    assert start < window_end and any(p == prefix and index in c for p, c in groups)
+                    last_chunk = (prefix_end - 1) // 64
+                    assert start // 64 == last_chunk or (prefix_end % 64 == 0 and start // 64 == last_chunk + 1)
+                    assert any(p == prefix and index in c for p, c in groups)
                     branched.append(index)
     assert sorted(branched) == sorted(i for _, c in groups for i in c)
+
+
+@pytest.mark.parametrize("packable", [True, False])
+def test_nan_is_blamed_on_the_request_that_made_it(checkpoint, packable):
+    """In a packed row a NaN reaches every request of its chunk; the error still names its own."""
+    model = checkpoint.model
+    params = {**model.params, "embed": {"embedding": model.params["embed"]["embedding"].at[7].set(jnp.nan)}}
+    poisoned = dataclasses.replace(model, params=params, packable=packable)
+    clean = [[8 + i % 50 for i in range(start, start + 20)] for start in range(3)]
+    requests = [(clean[0], clean[1]), (clean[2][:2], [7, 9]), (clean[1][:4], clean[2][:4])]
+    with pytest.raises(loop.NonFiniteLogits, match="for request 2$"):
+        Engine(poisoned, EngineSettings(batch_size=1, chunk_size=64)).score(requests)
+
+
+def test_progress_ends_at_its_total_when_a_shared_context_runs_twice(checkpoint):
+    context = [8 + i % 50 for i in range(30)]
+    requests = [(context, [9 + i] * 20) for i in range(6)]  # 6 x 20 tokens: more than a chunk, the group splits
+    calls = []
+    engine = Engine(checkpoint.model, EngineSettings(batch_size=2, chunk_size=16), progress=lambda *c: calls.append(c))
+    engine.score(requests)
+    assert calls and all(done <= total for done, total in calls) and calls[-1][0] == calls[-1][1], calls
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -25,6 +25,9 @@ class BatchPlan:
     length: int  # padded length of every row
     rows: int | None = None  # rows of the batch (None: the batch size); padding rows fill it up
 
+    def members(self) -> list[int]:
+        return list(self.piece_indices)
+
 
 @dataclasses.dataclass(frozen=True)
 class StreamPlan:
@@ -35,6 +38,10 @@ class StreamPlan:
     streams: tuple[tuple[tuple[int, int, bool], ...], ...]  # longest row first
     length: int  # padded length of every row, a multiple of the chunk size
     rows: int | None = None  # as BatchPlan's
+
+    def members(self) -> list[int]:
+        """The pieces in row order (a split group's prefix once per part)."""
+        return [index for stream in self.streams for index, _, _ in stream]
 
 
 def round_up(length: int, multiple: int) -> int:
@@ -190,9 +197,10 @@ class MaterializeBatch:
     def packed(self, plan: StreamPlan) -> dict[str, np.ndarray]:
         """A StreamPlan's rows: inputs, targets, valid, scored as in a BatchPlan's batch, and
         starts, branches (only if some piece branches): bool [B, L], the first position of each
-        piece placed fresh or as a branch; piece: int32 [B, L], the index in the batch of each position's piece (-1:
-        padding); position: int32 [B, L], each target's index in its request; document_idx,
-        sequence_idx: int32 [P], the batch's P pieces in order (a shared context's prefix: 0)."""
+        piece placed fresh or as a branch; piece: int32 [B, L], the index in the batch of each
+        position's piece (-1: padding); position: int32 [B, L], each target's index in its
+        request; document_idx, sequence_idx: int32 [P], the batch's P pieces in order (a shared
+        context's prefix: 0)."""
         rows, length = plan.rows or self.batch_size, plan.length
         # ``branches`` only where some piece branches: without it the model skips the branch paths
         # (on this CPU they cost a tiny model's step 20 %).
@@ -201,7 +209,7 @@ class MaterializeBatch:
         for name in ("inputs", "targets", "position"):
             batch[name] = np.zeros((rows, length), np.int32)
         batch["piece"] = np.full((rows, length), -1, np.int32)
-        members = [index for stream in plan.streams for index, _, _ in stream]
+        members = plan.members()
         batch["document_idx"] = np.array([self.pieces[i].document_idx for i in members], np.int32)
         batch["sequence_idx"] = np.array([self.pieces[i].sequence_idx for i in members], np.int32)
         slot = 0

@@ -78,9 +78,12 @@ class EngineSettings:
 
 
 class NonFiniteLogits(UserError):
-    def __init__(self, document_idx: int):
+    def __init__(self, document_idx: int, among: list[int] | None = None):
         super().__init__(f"the model produced NaN or inf log-probabilities for request {document_idx}")
         self.document_idx = document_idx
+        # In a packed batch a NaN reaches every request of its chunk (a masked weight of 0 times
+        # NaN is NaN), so the batch's requests are kept to find the one that made it.
+        self.among = among
 
 
 # Fixed-shape reads and writes of a StateTable, so that they compile once.
@@ -332,7 +335,7 @@ class Engine:
             pieces, plans, self.batch_size,
             worker_count=self.settings.worker_count, worker_buffer_size=self.settings.worker_buffer_size,
         )
-        done, total = 0, sum(p.length for p in pieces)
+        done, total = 0, sum(pieces[i].length for plan in plans for i in plan.members())  # a split group's context runs twice
 
         def finish(batch, parts, state):
             nonlocal done
@@ -371,6 +374,24 @@ class Engine:
 
     def _score_slots(self, requests, slots, on_batch=None) -> list[PieceResults]:
         """The device work of ``score_slots``, which every process makes."""
+        try:
+            return self._compute_slots(requests, slots, on_batch)
+        except NonFiniteLogits as error:
+            if error.among is None:
+                raise
+            raise NonFiniteLogits(self._first_nonfinite(requests, error.among)) from None
+
+    def _first_nonfinite(self, requests, documents: list[int]) -> int:
+        """The first of ``documents`` (1-based) whose request alone scores NaN or inf (the first of
+        them if none does alone)."""
+        for document in documents:
+            try:
+                self._compute_slots([requests[document - 1]], None)
+            except NonFiniteLogits:
+                return document
+        return documents[0]
+
+    def _compute_slots(self, requests, slots, on_batch=None) -> list[PieceResults]:
         if self.mode == "recurrent" and self.settings.share_prefixes:
             pending = set(range(1, len(requests) + 1)) if slots is None else {d for d, _ in slots}
             return self._score_shared(requests, pending, on_batch)
@@ -392,7 +413,8 @@ class Engine:
                 nonfinite = results.nonfinite
             bad = nonfinite & (part.document_idx > 0)
             if bad.any():
-                raise NonFiniteLogits(int(part.document_idx[np.argmax(bad)]))
+                among = sorted({int(d) for d in part.document_idx if d > 0}) if "starts" in batch else None
+                raise NonFiniteLogits(int(part.document_idx[np.argmax(bad)]), among)
             parts.append(part)
             if on_batch is not None:
                 on_batch(part)
@@ -420,8 +442,9 @@ class Engine:
         return parts
 
     def _score_packed_groups(self, pieces: list[Piece], prefixes: list[np.ndarray], on_batch) -> PieceResults:
-        """``_score_shared`` for a packable model: no states stored. Each shared context's prefix
-        runs in a packed row just before its continuations, which branch from its end."""
+        """``_score_shared`` for a packable model: no states stored (``prefix_block`` does not
+        apply). Each shared context's prefix runs in a packed row just before its continuations,
+        which branch from its end."""
         prefix_pieces = [Piece(0, 0, prefix, np.zeros_like(prefix), 0) for prefix in prefixes]
         everything = pieces + prefix_pieces  # prefix k (1-based) is piece len(pieces) + k - 1
         members: dict[int, list[int]] = {}

@@ -20,7 +20,7 @@ from .positions import FIRST_END_BITS, NUM_BUCKETS
 LOGIT_SCALE = 1e-3
 
 # The model contract's apply: (params, tokens[B, T] int32, state, mask[B, T] bool) -> (logits[B, T, V], state);
-# a packable model's also takes starts=[B, T] bool.
+# a packable model's also takes starts= and branches= [B, T] bool (see LanguageModel.packable).
 Apply = Callable[..., tuple[jax.Array, Any]]
 
 
@@ -31,8 +31,8 @@ class Chunk(NamedTuple):
     targets: jax.Array  # int32 [B, C]: the next token at each position
     valid: jax.Array  # bool [B, C]: a real position (False: padding, which leaves the state as it is)
     scored: jax.Array  # bool [B, C]: a position whose target counts towards the totals
-    # Packed rows only (bool [B, C]): a request begins here from a fresh state, or from the state
-    # the row had when the chunk began.
+    # Packed rows only (bool [B, C]): a request begins here from a fresh state, or (a branch) from
+    # the end of its shared context, the latest request before it not begun by a branch.
     starts: jax.Array | None = None
     branches: jax.Array | None = None
 
