@@ -26,8 +26,6 @@ from ..models.protocol import LanguageModel, cast_floating, floating_dtypes
 from . import distributed, step
 from .batching import (
     SHORTEST_BUCKET,
-    BatchPlan,
-    MaterializeBatch,
     batch_stream,
     plan_batches,
     plan_groups,
@@ -37,7 +35,9 @@ from .batching import (
     row_bucket,
 )
 from .fuse import DocumentResults, PieceResults, fuse_document_results, sum_positions
+from .generation import Generation
 from .requests import Piece, make_pieces, piece_counts, share_contexts
+from .state_table import StateTable
 from .step import Chunk, Totals
 
 MODES = ("recurrent", "windowed")
@@ -86,32 +86,8 @@ class NonFiniteLogits(UserError):
         self.among = among
 
 
-# Fixed-shape reads and writes of a StateTable, so that they compile once.
-_take_rows = jax.jit(step.take_rows)
-_put_rows = jax.jit(step.put_rows, donate_argnums=(0,))
-
-
-class StateTable:
-    """States after shared context prefixes, on the device as one state of ``block + 2`` rows:
-    row 0 is the fresh state, row k the state after the block's k-th prefix, the last row takes a
-    batch's padding rows. The row count never changes, so reads and writes compile once."""
-
-    def __init__(self, model: LanguageModel, block: int, place: Callable):
-        self.scratch = block + 1
-        self.states = place(model.init_state(block + 2))
-
-    def put(self, document_idx: np.ndarray, state) -> None:
-        """Batch row i ran prefix ``document_idx[i]`` (0: a padding row); keep its ``state``."""
-        rows = np.where(document_idx > 0, document_idx, self.scratch).astype(np.int32)
-        self.states = _put_rows(self.states, rows, state)
-
-    def take(self, rows: np.ndarray):
-        """The states of ``rows`` (int32 [B]), one per batch row."""
-        return _take_rows(self.states, rows)
-
-
-class Engine:
-    """Scores requests and generates from a model that follows the model contract."""
+class Engine(Generation):
+    """Scores requests and generates (``Generation``) from a model that follows the model contract."""
 
     def __init__(self, model: LanguageModel, settings: EngineSettings, progress: Callable[[int, int], None] | None = None):
         self.model = model
@@ -465,73 +441,3 @@ class Engine:
         table = StateTable(self.model, self.settings.prefix_block, place)
         self._run(pieces, lambda batch, _totals, state: table.put(batch["document_idx"], state), keep_state=True)
         return table
-
-    # ---- generation -----------------------------------------------------------------------------
-    def generate(self, contexts: list[list[int]], max_new_tokens: int, finished: Callable[[list[int]], bool],
-                 on_done: Callable[[list[tuple[int, list[int]]]], None] | None = None) -> list[list[int]]:
-        """Greedy continuation of each context until ``finished(tokens)`` or ``max_new_tokens``.
-
-        ``on_done([(index, tokens), ...])`` gets each batch of contexts as it finishes."""
-        if max_new_tokens < 1 or not contexts:
-            return [[] for _ in contexts]
-        if self._leads:
-            distributed.send("generate", contexts, max_new_tokens)
-        return self._generate_all(contexts, max_new_tokens, finished, on_done)
-
-    def _generate_all(self, contexts, max_new_tokens, finished, on_done):
-        """``finished`` is None on the processes that follow process 0: they take its decisions."""
-        generate = self._generate_recurrent if self.mode == "recurrent" else self._generate_windowed
-        results: list[list[int]] = [None] * len(contexts)  # type: ignore[list-item]
-        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-        for start in range(0, len(order), self.batch_size):
-            group = order[start : start + self.batch_size]
-            done = list(zip(group, generate([contexts[i] for i in group], max_new_tokens, finished)))
-            for index, tokens in done:
-                results[index] = tokens
-            if on_done:
-                on_done(done)
-        return results
-
-    def _prefill_batch(self, contexts: list[list[int]]) -> dict[str, np.ndarray]:
-        """One batch that feeds every context whole, scoring nothing."""
-        pieces = [Piece(i + 1, 0, np.asarray(c, np.int32), np.zeros(len(c), np.int32), 0) for i, c in enumerate(contexts)]
-        plan = BatchPlan(tuple(range(len(pieces))), self._bucket(max(p.length for p in pieces)))
-        return MaterializeBatch(pieces, self.batch_size)(plan)
-
-    def _generate_recurrent(self, contexts, max_new_tokens, finished):
-        state, [totals] = self._run_batch(self._prefill_batch(contexts))
-        token = totals.next_token
-        outputs = [[int(t)] for t in self._fetch(token)[: len(contexts)]]
-        done = self._agree([max_new_tokens <= 1 or (finished is not None and finished(o)) for o in outputs])
-        produced = 1
-        while not all(done) and produced < max_new_tokens:
-            steps = self.settings.generation_block
-            state, token, block = self._decode(self.params, state, token, steps)
-            block = self._fetch(block)
-            for row, output in enumerate(outputs):
-                for value in block[row][: max_new_tokens - produced]:
-                    if done[row]:
-                        break
-                    output.append(int(value))
-                    if finished is not None:
-                        done[row] = finished(output)
-            done = self._agree(done)
-            produced += steps
-        return [o[:max_new_tokens] for o in outputs]
-
-    def _generate_windowed(self, contexts, max_new_tokens, finished):
-        """One full pass over the last ``max_length`` tokens per new token."""
-        sequences = [list(c) for c in contexts]
-        outputs = [[] for _ in contexts]
-        done = [False] * len(contexts)
-        for _ in range(max_new_tokens):
-            active = [i for i in range(len(contexts)) if not done[i]]
-            if not active:
-                break
-            _, [totals] = self._run_batch(self._prefill_batch([sequences[i][-self.max_length :] for i in active]))
-            for i, value in zip(active, self._fetch(totals.next_token)):
-                sequences[i].append(int(value))
-                outputs[i].append(int(value))
-                done[i] = finished is not None and finished(outputs[i])
-            done = self._agree(done)
-        return outputs
