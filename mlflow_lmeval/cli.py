@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 
-from . import compare_report
+from . import compare_report, response_cache, verbosity
 from . import config as config_module
 from .config import EvalConfig
 from .errors import UserError
@@ -17,7 +17,7 @@ from .pipeline.params import load_params
 from .response_cache import ResponseCache
 from .tokenizer import Tokenizer, train_tokenizer
 from .tracking import sync
-from .workflows import LiveEvaluation, Tracking, evaluate_and_publish, tracked_training
+from .workflows import LiveEvaluation, Tracking, check_destinations, evaluate_and_publish, tracked_training
 
 # JAX (the model, training and engine modules) and lm_eval are imported lazily, where a command
 # needs them: importing JAX takes about 1.8 s and lm_eval.utils 0.3 s on this machine, and
@@ -79,8 +79,18 @@ def _cmd_train(args) -> None:
         print(f"wrote {path}")
 
 
+def _is_process_0(args) -> bool:
+    """Will this process write the results and publish them? Known before JAX starts, unless the
+    cluster's own settings decide (--distributed). The variable is engine.distributed.PROCESS_ID_ENV,
+    spelled out here because that module imports JAX."""
+    process_id = args.process_id if args.process_id is not None else os.environ.get("MLFLOW_LMEVAL_PROCESS_ID", "")
+    return not args.distributed and str(process_id).strip() in ("", "0")
+
+
 def _cmd_evaluate(args) -> None:
     config = config_module.from_args(args)
+    if _is_process_0(args):  # a bad output path or tracking URI is told at once, before JAX and the model load
+        check_destinations(config, _tracking(args))
     from .engine import distributed
 
     cluster = distributed.DistributedSettings.from_env(args.coordinator_address, args.num_processes, args.process_id,
@@ -116,11 +126,14 @@ def _cmd_sync(args) -> None:
 
 
 def _cmd_cache(args) -> None:
+    if args.action == "info":  # read only: creates, moves and changes nothing
+        print(response_cache.describe(args.cache_path))
+        return
+    if not response_cache.cache_file(args.cache_path).exists():
+        print(f"{response_cache.cache_file(args.cache_path)}: no response cache to clear")
+        return
     cache = ResponseCache(args.cache_path)
-    if args.action == "clear":
-        print(f"removed {cache.clear()} cached responses from {cache.path}")
-    else:
-        print(f"{cache.path}: {cache.count()} cached responses")
+    print(f"removed {cache.clear()} cached responses from {cache.path}")
     cache.close()
 
 
@@ -134,9 +147,16 @@ def _cmd_pipeline(args) -> None:
         getattr(stages, args.stage)(params)
 
 
+def _add_verbose(parser, default=argparse.SUPPRESS) -> None:
+    """``--verbose``, before the command or after it (a command's flag only sets it when given)."""
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="also show libraries' routine notices: lm-eval's, MLflow's INFO lines, warnings' source lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mlflow-lmeval", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    _add_verbose(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tok = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a text file")
@@ -162,13 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval_limit", type=config_module.parse_number, help="examples per task for --eval_every")
     tr.add_argument("--bootstrap_iters", type=int, default=1000, help="bootstrap iterations for --eval_every stderrs")
     _add_tracking_flags(tr, "training run")
+    _add_verbose(tr)
     tr.set_defaults(func=_cmd_train)
 
     ev = commands.add_parser("evaluate", help="run lm-eval tasks on a checkpoint")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint directory: ours, or a Hugging Face save_pretrained one")
     config_module.add_arguments(ev)
     ev.add_argument("--training_run_id", help="the MLflow training run (default: the checkpoint's metadata)")
-    ev.add_argument("--step", type=int, help="the checkpoint's training step (default: its metadata, or a step_N / checkpoint-N directory name)")
+    ev.add_argument("--step", type=config_module.non_negative_int, help="the checkpoint's training step (default: its metadata, or a step_N / checkpoint-N directory name)")
     multihost = ev.add_argument_group("multi-host evaluation (docs/multihost.md)")
     multihost.add_argument("--coordinator_address", metavar="HOST:PORT",
                            help="process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS)")
@@ -179,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     multihost.add_argument("--join_timeout", type=config_module.positive_int, default=300, metavar="SECONDS",
                            help="give up when not every process has joined after this long (default: 300)")
     _add_tracking_flags(ev, "evaluation run (default: the training run's)")
+    _add_verbose(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     sy = commands.add_parser("sync", help="publish results directories that MLflow does not hold yet")
@@ -191,19 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = commands.add_parser("cache", help="inspect or clear the resumable response cache")
     ca.add_argument("action", choices=["info", "clear"])
-    ca.add_argument("--cache_path", help="response cache file (default: $MLFLOW_LMEVAL_CACHE/responses.sqlite)")
+    ca.add_argument("--cache_path", help=config_module.settings()["response_cache_path"].help)
     ca.set_defaults(func=_cmd_cache)
 
     pl = commands.add_parser("pipeline", help="run one DVC pipeline stage (dvc.yaml calls these)")
     pl.add_argument("stage", choices=["prepare", "train", "evaluate", "publish", "report"])
     pl.add_argument("name", nargs="?", help="for evaluate: the key in evaluate.checkpoints")
     pl.add_argument("--params", default="params.yaml")
+    _add_verbose(pl)
     pl.set_defaults(func=_cmd_pipeline)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, console: bool = False) -> int:
+    """Run one command; ``console``: this process is the command line's own, so set what libraries
+    print in it (verbosity.py), which a caller of ``main`` in its own process keeps as it is."""
     args = build_parser().parse_args(argv)
+    if console:
+        verbosity.configure(args.verbose)
     try:
         args.func(args)
     except UserError as error:
@@ -244,7 +271,7 @@ def run() -> None:
     sys.excepthook = _without_closed_loop_noise(sys.excepthook)
     sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     threading.excepthook = _without_closed_loop_noise(threading.excepthook)
-    code = main()
+    code = main(console=True)
     if code:
         sys.stdout.flush()
         sys.stderr.flush()

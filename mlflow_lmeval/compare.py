@@ -30,7 +30,6 @@ import numpy as np
 
 from . import stats
 from .errors import UserError
-from .evaluation import safe_name
 from .paired_stats import (
     DEFAULT_ITERATIONS,
     bootstrap_p,
@@ -39,7 +38,14 @@ from .paired_stats import (
     percentile_ci,
     point,
 )
-from .results_file import RESULTS_FILE, checkpoint_section, holds_results, read_results
+from .results_file import (
+    RESULTS_FILE,
+    checkpoint_section,
+    holds_results,
+    read_results,
+    samples_file_name,
+    samples_files,
+)
 from .tracking import (
     TAG_IDENTITY,
     connected,
@@ -127,6 +133,8 @@ class Comparison:
     seed: int
     rows: list[MetricComparison] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "task/metric: why"
+    only_a: list[str] = field(default_factory=list)  # tasks not compared: in A's results only
+    only_b: list[str] = field(default_factory=list)  # ... in B's only
     results_a: dict = field(default_factory=dict, repr=False)
     results_b: dict = field(default_factory=dict, repr=False)
 
@@ -146,8 +154,6 @@ def _leaf_tasks(results: Mapping[str, Any]) -> list[str]:
     return [task for task, values in results["results"].items() if isinstance(values, Mapping) and task not in groups]
 
 
-def _samples_path(directory: Path, task: str) -> Path:
-    return directory / f"samples_{safe_name(task)}.jsonl"
 
 
 @dataclass
@@ -159,11 +165,12 @@ class _TaskSamples:
     values: dict = field(default_factory=dict)
 
 
-def _read_samples(directory: Path, task: str) -> _TaskSamples:
-    path = _samples_path(directory, task)
-    if not path.is_file():
-        raise UserError(f"no per-document samples for task {task} in {directory} ({path.name} missing); "
-                        "compare needs evaluations run with --log_samples")
+def _read_samples(directory: Path, results: Mapping[str, Any], task: str) -> _TaskSamples:
+    """The task's samples file that ``results`` lists (a stale one from an earlier run is not read)."""
+    path = samples_files(directory, results).get(task)
+    if path is None:
+        raise UserError(f"no per-document samples for task {task} in {directory} ({samples_file_name(task)} missing "
+                        f"or not written with its {RESULTS_FILE}); compare needs evaluations run with --log_samples")
     samples, number = _TaskSamples(), 0
     try:
         with open(path, encoding="utf-8") as handle:
@@ -243,7 +250,8 @@ def compare(a_dir: str | os.PathLike, b_dir: str | os.PathLike, iterations: int 
     Raises a one-line UserError when a directory is no results directory, the two share no
     task, a shared task has no samples file (evaluate with ``--log_samples``) or the two scored
     different documents of a task.  Metrics whose per-document values are missing or cannot be
-    re-aggregated as lm-eval did (bleu, acc_all, ...) are listed in ``skipped``.
+    re-aggregated as lm-eval did (bleu, acc_all, ...) are listed in ``skipped``; tasks only one
+    side holds, in ``only_a`` and ``only_b``.
     """
     if iterations < 1:
         raise UserError(f"--iterations must be at least 1, got {iterations}")
@@ -251,14 +259,15 @@ def compare(a_dir: str | os.PathLike, b_dir: str | os.PathLike, iterations: int 
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
     a_dir, b_dir = Path(a_dir), Path(b_dir)
     results_a, results_b = _read_results(a_dir), _read_results(b_dir)
-    tasks_b = set(_leaf_tasks(results_b))
-    tasks = [task for task in _leaf_tasks(results_a) if task in tasks_b]
+    tasks_a, tasks_b = set(_leaf_tasks(results_a)), set(_leaf_tasks(results_b))
+    tasks = tasks_a & tasks_b
     if not tasks:
-        raise UserError(f"{a_dir} and {b_dir} share no task (A: {', '.join(_leaf_tasks(results_a)) or 'none'}; "
+        raise UserError(f"{a_dir} and {b_dir} share no task (A: {', '.join(sorted(tasks_a)) or 'none'}; "
                         f"B: {', '.join(sorted(tasks_b)) or 'none'})")
-    comparison = Comparison(a_dir, b_dir, iterations, seed, results_a=results_a, results_b=results_b)
+    comparison = Comparison(a_dir, b_dir, iterations, seed, results_a=results_a, results_b=results_b,
+                            only_a=sorted(tasks_a - tasks_b), only_b=sorted(tasks_b - tasks_a))
     for task in sorted(tasks):
-        samples_a, samples_b = _read_samples(a_dir, task), _read_samples(b_dir, task)
+        samples_a, samples_b = _read_samples(a_dir, results_a, task), _read_samples(b_dir, results_b, task)
         _check_same_documents(task, samples_a, samples_b)
         values_a, values_b = results_a["results"][task], results_b["results"][task]
         keys_b = {key for key, _, _ in _metric_keys(values_b)}

@@ -48,11 +48,31 @@ def _markdown(header: list[str], rows: Iterable[list[str]], right: set[int]) -> 
     return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
 
 
+def _shots(results: Mapping[str, Any], tasks: Iterable[str]) -> str:
+    """The compared tasks' shots: one number when they agree, else per task."""
+    n_shot = results.get("n-shot") or {}
+    shots = {task: n_shot.get(task, "?") for task in sorted(tasks)}
+    if len(set(map(str, shots.values()))) == 1:
+        return f"{next(iter(shots.values()))}-shot"
+    return "shots " + ", ".join(f"{task} {value}" for task, value in shots.items())
+
+
+def _limit(results: Mapping[str, Any]) -> str:
+    """The evaluation's --limit, from its eval_config (else lm-eval's config)."""
+    limit = (results.get("eval_config") or {}).get("limit_requests", (results.get("config") or {}).get("limit"))
+    return "no limit" if limit is None else f"limit {limit}"
+
+
 def render_table(comparison: Comparison) -> str:
-    """Markdown: a heading naming A and B, the table, and the metrics left out."""
+    """Markdown: a heading naming A and B (step, shots, limit), the table, and what was left out:
+    tasks only one side holds, metrics that could not be compared."""
+    tasks = sorted({row.task for row in comparison.rows} or
+                   set(comparison.results_a.get("results") or {}) - {*comparison.only_a, *comparison.only_b})
+
     def described(directory: Path, results: Mapping[str, Any]) -> str:
         step = checkpoint_section(results).get("step")
-        return f"`{directory}`" + (f" (step {step})" if step is not None else "")
+        settings = ([f"step {step}"] if step is not None else []) + [_shots(results, tasks), _limit(results)]
+        return f"`{directory}` ({'; '.join(settings)})"
 
     header = ["Tasks", "Filter", "Metric", "n", "A", "B", "B−A", f"{CONFIDENCE:.0%} CI", "p", "McNemar p"]
     body = [
@@ -67,8 +87,10 @@ def render_table(comparison: Comparison) -> str:
         "",
         _markdown(header, body, right={3, 4, 5, 6, 8, 9}) if body else "(no metric could be compared)",
     ]
-    if comparison.skipped:
-        lines += ["", "Not compared:", *(f"- {why}" for why in comparison.skipped)]
+    dropped = [f"- {task}: only in {side}" for side, only in (("A", comparison.only_a), ("B", comparison.only_b))
+               for task in only]
+    if comparison.skipped or dropped:
+        lines += ["", "Not compared:", *dropped, *(f"- {why}" for why in comparison.skipped)]
     return "\n".join(lines) + "\n"
 
 

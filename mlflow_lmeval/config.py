@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import operator
 from typing import Any
 
 from .errors import UserError
@@ -132,10 +133,11 @@ class EvalConfig:
     num_fewshot: int | None = _field(None, Setting(REQUESTS, "--num_fewshot", "num_fewshot"))
     # lm-eval's standard; cheap with our vectorised bootstrap.
     bootstrap_iters: int = _field(100_000, Setting(STATISTICS, "--bootstrap_iters", "bootstrap_iters"))
-    # True: the default template; a string: a Jinja template.
+    # True: the tokenizer's template; a string: a template's name, or Jinja text (chat_template.py).
     apply_chat_template: bool | str = _field(False, Setting(
         REQUESTS, "--apply_chat_template", "apply_chat_template",
-        help="render prompts with a chat template: the default one, or this Jinja string"))
+        help="render prompts with a chat template: the tokenizer's own; NAME: the tokenizer's template of that "
+             "name, or a built-in one (roles, chatml) for a tokenizer without templates; or this Jinja text"))
     # Where task files live; what they say is keyed through the tasks' configs and data.
     include_path: str | None = _field(None, Setting(
         None, "--include_path", "include_path", help="directory of local task YAML files"))
@@ -147,7 +149,8 @@ class EvalConfig:
     response_cache: bool = _field(True, Setting(
         None, "--no_cache", "response_cache", negated=True, help="neither read nor write the resumable response cache"))
     response_cache_path: str | None = _field(None, Setting(
-        None, "--cache_path", help="response cache file (default: $MLFLOW_LMEVAL_CACHE/responses.sqlite)"))
+        None, "--cache_path", help="response cache file, or a directory to hold responses.sqlite (default: "
+                                   "$MLFLOW_LMEVAL_CACHE/responses.sqlite); a file that is not a response cache is refused"))
     # Hugging Face hub access for lm-eval's datasets: the user's environment decides unless this is set.
     offline: bool = _field(False, Setting(
         None, "--offline", "offline", help="never reach the Hugging Face hub (sets HF_HUB_OFFLINE, HF_DATASETS_OFFLINE)"))
@@ -197,13 +200,17 @@ class EvalConfig:
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a positive integer")
         require(self.context_length is None or (is_int(self.context_length) and self.context_length >= 1),
                 "context_length", "must be a positive integer")
+        # Recurrent mode has no window: a length given there would change nothing but the identity.
+        require(self.context_length is None or self.mode == "windowed", "context_length",
+                "applies only in windowed mode (recurrent evaluation has no window)")
         for name in ("worker_count", "bootstrap_iters"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be 0 or more (an integer)")
         require(self.num_fewshot is None or (is_int(self.num_fewshot) and self.num_fewshot >= 0),
                 "num_fewshot", "must be 0 or more (an integer)")
         limit = self.limit_requests
-        require(limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0),
-                "limit_requests", "must be a positive number")
+        # lm-eval takes a float below 1 as a fraction of the documents and any other as int(limit).
+        require(limit is None or (is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit < 1),
+                "limit_requests", "must be a count (a whole number from 1) or a fraction below 1")
         require(isinstance(self.apply_chat_template, (bool, str)), "apply_chat_template",
                 "must be true, false or a template string")
 
@@ -266,6 +273,25 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def checked_step(step: Any) -> int:
+    """A checkpoint's training step as given to the Python API: an integer of 0 or more (numpy's too)."""
+    try:
+        value = operator.index(step)
+    except TypeError:
+        value = -1
+    if value < 0 or isinstance(step, bool):
+        raise UserError(f"step must be an integer of 0 or more, got {step!r}")
     return value
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from .lm_eval_templates import cached_templates
 from .models.loading import load_any
 from .paths import cache_root
 from .response_cache import ResponseCache
-from .results_file import add_checkpoint, write_results_file
+from .results_file import add_checkpoint, check_results_dir, claim_output_dir, samples_file_name, write_evaluation
 from .tokenizer import Tokenizer
 
 # lm_eval, and our modules that import it, are imported inside functions: ``configure_environment``
@@ -46,25 +45,49 @@ def configure_environment(cache_dir: str | os.PathLike | None = None, *, offline
 
 
 def task_manager(tasks: tuple[str, ...], include_path: str | None):
-    """A TaskManager that knows every requested task, indexing lm-eval's own only when needed."""
+    """A TaskManager that knows every requested task, indexing lm-eval's own (14 s) only when
+    needed: not for names the include path has, nor for a name that no lm-eval task YAML
+    contains (task_names.py), which is unknown at once."""
     from lm_eval.tasks import TaskManager
+
+    from .task_names import lm_eval_task_names, may_be_lm_eval_task
 
     if not tasks:
         raise UserError("no tasks given; name at least one with --tasks")
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"include path not found: {include_path}")
+    local: list[str] = []
+    unknown = list(tasks)
     if include_path is not None:
         manager = TaskManager(include_path=include_path, include_defaults=False)
-        if not _unknown_tasks(manager, tasks):
+        unknown, local = _unknown_tasks(manager, tasks), manager.all_tasks
+        if not unknown:
             return manager
-    manager = TaskManager(include_path=include_path, include_defaults=True)
-    unknown = _unknown_tasks(manager, tasks)
-    if unknown and include_path is not None:
+    certain = [name for name in unknown if not may_be_lm_eval_task(name)]
+    if certain:
+        known = lm_eval_task_names()
+    else:
+        manager = TaskManager(include_path=include_path, include_defaults=True)
+        certain, known = _unknown_tasks(manager, tasks), manager.all_tasks
+        if not certain:
+            return manager
+    if include_path is not None:
         _check_task_yaml(Path(include_path))
-    if unknown:
-        where = f" in {include_path} or" if include_path else ""
-        raise UserError(f"unknown task(s): {', '.join(unknown)} (not found{where} among lm-eval's tasks)")
-    return manager
+    raise UserError(_unknown_tasks_message(certain, include_path, local, known))
+
+
+def _unknown_tasks_message(unknown: list[str], include_path: str | None, local: list[str], known: list[str]) -> str:
+    from .task_names import close_names
+
+    where = f" in {include_path} or" if include_path else ""
+    hints = []
+    for name in unknown:
+        close = close_names(name, local, known)  # the include path's names first
+        if close:
+            either = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else close[0]
+            hints.append(either + (f" (for {name})" if len(unknown) > 1 else ""))
+    hint = f"; did you mean {'; '.join(hints)}?" if hints else ""
+    return f"unknown task(s): {', '.join(unknown)} (not found{where} among lm-eval's tasks){hint}"
 
 
 def _check_task_yaml(directory: Path) -> None:
@@ -84,12 +107,6 @@ def _check_task_yaml(directory: Path) -> None:
 def _unknown_tasks(manager, tasks) -> list[str]:
     known = set(manager.all_tasks)
     return [t for t in tasks if t not in known and not manager.match_tasks([t])]
-
-
-def safe_name(name: str) -> str:
-    """A file-name fragment that cannot leave its directory."""
-    cleaned = re.sub(r"[^\w.\-]", "_", name).lstrip(".")
-    return cleaned or "_"
 
 
 def json_safe(value: Any) -> Any:
@@ -121,7 +138,7 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
         raise function_error(error, config.include_path) from None
     keyed_requests = keyed_request_cache(
         cache_root() / "lm_eval_requests" if config.cache_requests else None, tokenizer=lm.tokenizer_name,
-        chat_template=lm.chat_template(config.apply_chat_template) if config.apply_chat_template else None)
+        chat_template=lm.chat_identity())
     try:
         # lm-eval runs `git describe` with its stderr on ours: outside a checkout that prints
         # "fatal: not a git repository". Ask git quietly instead.
@@ -156,15 +173,12 @@ def run_lm_eval(lm, config: EvalConfig) -> dict:
 
 
 def write_results(output: dict, output_path: str | os.PathLike) -> Path:
-    """Write ``results.json`` (samples excluded) and ``samples_<task>.jsonl`` per task."""
+    """Write ``results.json`` (samples excluded) and ``samples_<task>.jsonl`` per task, replacing an
+    earlier evaluation's files there and refusing to overwrite anything else (see ``write_evaluation``)."""
     directory = Path(output_path)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         samples = output.pop("samples", None) or {}
-        for task, records in samples.items():
-            with open(directory / f"samples_{safe_name(task)}.jsonl", "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in json_safe(records))
-        return write_results_file(directory, json_safe(output))
+        return write_evaluation(directory, json_safe(output), {task: json_safe(r) for task, r in samples.items()})
     except OSError as error:
         raise UserError(f"cannot write results to {directory}: {error.strerror or error}") from None
 
@@ -183,6 +197,9 @@ def run_evaluation(model, tokenizer, config: EvalConfig, checkpoint_info: dict |
     With ``config.output_path`` set, ``results.json`` (and samples) are written there.
     """
     configure_environment(offline=config.offline)
+    if config.output_path:  # what writing the results would refuse, refused before the work
+        check_results_dir(config.output_path)
+        claim_output_dir(config.output_path, map(samples_file_name, config.evaluation_tasks) if config.log_samples else ())
     from .lm import JaxLM
 
     fingerprint = (checkpoint_info or {}).get("fingerprint")
@@ -204,6 +221,8 @@ def run_evaluation(model, tokenizer, config: EvalConfig, checkpoint_info: dict |
     # Per task, mean NLL per position bucket over every loglikelihood and rolling request (cached
     # responses included); windowed mode says why it has none.
     output["loss_by_position"] = lm.loss_by_position()
+    if lm.chat_identity() is not None:  # the template text used keys the evaluation's identity
+        output["chat_template"] = lm.chat_identity()
     if config.output_path:
         write_results(output, config.output_path)
     output.pop("samples", None)
@@ -216,11 +235,14 @@ def evaluate(checkpoint_dir: str | os.PathLike, config: EvalConfig | dict, *, st
     results dict, JSON-safe. ``step`` overrides the checkpoint's own (its metadata, or the
     directory's step_N / checkpoint-N name)."""
     config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
+    step = None if step is None else config_module.checked_step(step)
+    if config.output_path:  # before the checkpoint loads, not after the evaluation has run
+        check_results_dir(config.output_path)
     loaded = load_any(checkpoint_dir, dtype=config.dtype)
     tokenizer = Tokenizer.load(config.tokenizer_path) if config.tokenizer_path else loaded.tokenizer
     checkpoint_info = {
         "path": str(loaded.path),
-        "step": loaded.step if step is None else int(step),
+        "step": loaded.step if step is None else step,
         "fingerprint": loaded.fingerprint,
         "mlflow_run_id": loaded.mlflow_run_id,
     }

@@ -6,12 +6,12 @@ import collections
 from typing import Any
 
 import numpy as np
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from .chat_template import ChatTemplate, special_tokens
+from .chat_template import resolve as resolve_chat_template
 from .engine import positions
 from .engine.cached import CachedEngine
 from .engine.fuse import DocumentResults
@@ -20,10 +20,6 @@ from .errors import UserError
 from .models.protocol import LanguageModel
 from .tokenizer import Tokenizer
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -56,7 +52,8 @@ class JaxLM(TemplateLM):
         self.tokenizer = tokenizer
         self.engine = Engine(model, settings, progress=_ProgressBar() if show_progress else None)
         self.responses = CachedEngine(self.engine, cache, fingerprint)
-        self._chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
+        # Chosen now, so a missing template fails before any work.
+        self._chat = resolve_chat_template(chat_template, tokenizer) if chat_template else None
         self.document_scores: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
         self.position_sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # task -> (nll float64 [K], tokens int64 [K])
         self._last_results: DocumentResults | None = None
@@ -75,8 +72,8 @@ class JaxLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         """The tokenizer's identity (lm-eval puts it into its request-cache key). A tokenizer
-        without a ``name`` is named by its class: requests are strings, so only chat-template
-        rendering could depend on it, and our templates do not."""
+        without a ``name`` is named by its class: requests are strings, and what chat-template
+        rendering takes from the tokenizer is keyed apart (``chat_identity``)."""
         name = getattr(self.tokenizer, "name", None)
         return name or f"{type(self.tokenizer).__module__}.{type(self.tokenizer).__qualname__}"
 
@@ -135,16 +132,16 @@ class JaxLM(TemplateLM):
         return [(float(loglik), bool(greedy)) for loglik, greedy in zip(results.loglik, results.greedy)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        encoded = []
-        for request in requests:
-            (text,) = request.args[:1]
-            tokens = self.tok_encode(text)
-            if not tokens:
-                raise UserError(f"request {_describe(request)} is a document that tokenizes to nothing")
-            encoded.append(([self.prefix_token_id], tokens))
-        results = self._score(encoded, lambda i: f"request {_describe(requests[i])}")
-        self._last_results = results
-        logliks = [float(loglik) for loglik in results.loglik]
+        # lm-eval's hf backend scores a document as the sum over its rolling windows
+        # (utils.get_rolling_token_windows), and a document that tokenizes to nothing has none: it
+        # scores 0.0 over 0 tokens, which adds nothing to a perplexity's sums. So here; only the
+        # other documents reach the engine.
+        tokens = [self.tok_encode(request.args[0]) for request in requests]
+        scored = [index for index, document in enumerate(tokens) if document]
+        results = self._score([([self.prefix_token_id], tokens[i]) for i in scored],
+                              lambda k: f"request {_describe(requests[scored[k]])}") if scored else None
+        self._last_results = _among_empty_documents(results, scored, len(requests))
+        logliks = [float(loglik) for loglik in self._last_results.loglik]
         self._record(requests, logliks)
         return logliks
 
@@ -179,17 +176,49 @@ class JaxLM(TemplateLM):
         return list(until), max_gen_toks
 
     # ---- chat ------------------------------------------------------------------------------------
+    @property
+    def chat(self) -> ChatTemplate | None:
+        """The chat template in use (chat_template.py says which), or None without one."""
+        return self._chat
+
+    def chat_identity(self) -> dict | None:
+        """What the chat prompts depend on: the template (its text and where it came from) and the
+        special tokens it sees. results.json's ``chat_template`` section and the request cache's
+        key; None without a template."""
+        if self._chat is None:
+            return None
+        return {**self._chat.describe(), "special_tokens": special_tokens(self.tokenizer)}
+
+    def _chat_for(self, requested: bool | str) -> ChatTemplate:
+        if self._chat is None:  # lm-eval's own CLI asks here first, not in __init__
+            self._chat = resolve_chat_template(requested, self.tokenizer)
+        return self._chat
+
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return self._chat_template
+        """The template text in use (lm-eval keys its requests on it); None when ``chat_template``
+        is false, lm-eval's way of saying there is none."""
+        return self._chat_for(chat_template).text if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        try:
-            template = ImmutableSandboxedEnvironment().from_string(self._chat_template or DEFAULT_CHAT_TEMPLATE)
-            return template.render(messages=chat_history, add_generation_prompt=add_generation_prompt)
-        except TemplateError as error:
-            line = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
-            raise UserError(f"the chat template (--apply_chat_template) cannot be rendered{line}: "
-                            f"{type(error).__name__}: {error}") from None
+        return self._chat_for(True).render(chat_history, add_generation_prompt=add_generation_prompt,
+                                           special_tokens=special_tokens(self.tokenizer))
+
+
+def _among_empty_documents(results: DocumentResults | None, at: list[int], count: int) -> DocumentResults:
+    """``results`` (None for none) of the documents ``at`` among ``count``; the others have no tokens:
+    log-likelihood 0.0, 0 tokens, greedy (every one of their no tokens was), no loss by position."""
+    if results is None:
+        return DocumentResults(np.zeros(count), np.zeros(count, np.int64), np.ones(count, bool))
+
+    def place(values, fill):
+        if values is None:
+            return None
+        full = np.full((count, *values.shape[1:]), fill, values.dtype)
+        full[at] = values
+        return full
+
+    return DocumentResults(place(results.loglik, 0.0), place(results.num_tokens, 0), place(results.greedy, True),
+                           place(results.position_nll, 0.0), place(results.position_tokens, 0))
 
 
 def _describe(request) -> str:

@@ -64,7 +64,10 @@ def add_token_perplexity(output: dict, document_scores: dict[str, list[tuple[flo
     document, from (log-likelihood, scored tokens) pairs fused per request."""
     for task, scores in document_scores.items():
         config = output.get("configs", {}).get(task, {})
-        if config.get("output_type") not in TOKEN_LEVEL_OUTPUT_TYPES or task not in output.get("results", {}):
+        # A document without tokens (an empty rolling document scores 0.0 over 0 tokens) adds
+        # nothing to either sum, and a resample of only such documents would be 0/0: leave them out.
+        scores = [(loglik, count) for loglik, count in scores if count > 0]
+        if config.get("output_type") not in TOKEN_LEVEL_OUTPUT_TYPES or task not in output.get("results", {}) or not scores:
             continue
         logliks, counts = np.asarray(scores, np.float64).T
         figures = stats.token_perplexity(logliks, counts, iters=iters)

@@ -8,7 +8,8 @@ key digests:
 
 - the task's resolved config (after includes), with any function in it by its source code;
 - a digest of its evaluation documents and, with shots, of its few-shot documents;
-- the shots, the few-shot seed, the system instruction, the chat template and the tokenizer;
+- the shots, the few-shot seed, the system instruction, the chat template (its text, and the
+  special tokens it sees) and the tokenizer;
 - the lm-eval version.
 
 What it leaves out: ``limit``. With the cache on, lm-eval builds and stores every document's
@@ -90,7 +91,8 @@ def keyed_request_cache(root: Path | None, *, chat_template, tokenizer: str) -> 
     """While active, every task's ``build_all_requests`` records its documents' digest in the
     yielded dict (task name -> ``sha256:<hex>``, for the evaluation's identity) and, with a
     ``root``, reads and writes lm-eval's request cache in the directory of its own key.
-    ``chat_template`` is the template text in use (None: none); ``root`` None: no caching."""
+    ``chat_template`` describes the template in use, its text and the special tokens it sees
+    (``JaxLM.chat_identity``; None: none); ``root`` None: no caching."""
     original = Task.build_all_requests
     documents: dict[str, str] = {}
 

@@ -27,10 +27,84 @@ from .paths import cache_root
 # response could not give results.json the same table as a fresh one.
 SCHEMA_VERSION = 2
 FILE_NAME = "responses.sqlite"
+# Written into the SQLite header (PRAGMA application_id, bytes 68-71), before anything else: the
+# header survives a torn page, so a damaged cache still shows it is ours and may be moved aside.
+# Any other file given as the cache (a user's database, a text file) is refused, never replaced.
+APPLICATION_ID = int.from_bytes(b"lmev", "big")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_TABLES = ("pieces", "generations")
 
 
 def default_path() -> Path:
     return cache_root() / FILE_NAME
+
+
+def cache_file(path: str | os.PathLike | None = None) -> Path:
+    """The cache file that ``path`` names: a directory stands for the ``responses.sqlite`` in it,
+    like the default ``$MLFLOW_LMEVAL_CACHE``."""
+    path = Path(path) if path else default_path()
+    return path / FILE_NAME if path.is_dir() else path
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing. Without a ``-wal`` file (a cache closed cleanly) SQLite's
+    read-only mode would still create ``-wal`` and ``-shm`` files and leave them, so it is opened
+    immutable; with one (a writer running, or killed), read-only reads what the log holds."""
+    wal = Path(str(path) + "-wal").exists()
+    return sqlite3.connect(f"{path.absolute().as_uri()}?{'mode=ro' if wal else 'immutable=1'}", uri=True)
+
+
+def _is_older_cache(path: Path) -> bool:
+    """A cache from before APPLICATION_ID: its ``meta`` table has our ``schema`` row, beside our tables."""
+    try:
+        with contextlib.closing(_read_only(path)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return {"meta", *_TABLES} <= tables and db.execute("SELECT 1 FROM meta WHERE name = 'schema'").fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+def check_ours(path: Path) -> None:
+    """A one-line UserError unless ``path`` is missing, empty, or a cache this module wrote; only
+    such a file may be written into, or moved aside when damaged."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise UserError(f"cannot read the response cache {path}: {error.strerror or error}") from None
+    if not header:  # SQLite's empty database: a cache whose process stopped before its first write
+        return
+    is_sqlite = header.startswith(_SQLITE_MAGIC) and len(header) == 100
+    if is_sqlite and (int.from_bytes(header[68:72], "big") == APPLICATION_ID or _is_older_cache(path)):
+        return
+    what = "a SQLite database of something else" if is_sqlite else "not a SQLite file"
+    raise UserError(f"{path} is not a response cache ({what}); it is left as it is: name a new file, "
+                    f"or a directory to hold {FILE_NAME} (--cache_path)")
+
+
+def _count(db: sqlite3.Connection) -> int:
+    return sum(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in _TABLES)
+
+
+def describe(path: str | os.PathLike | None = None) -> str:
+    """One line on the cache at ``path`` (``cache info``), read only: nothing is created, moved or changed."""
+    path = cache_file(path)
+    if not path.exists():
+        return f"{path}: no response cache yet"
+    check_ours(path)
+    if path.stat().st_size == 0:
+        return f"{path}: 0 cached responses"
+    try:
+        with contextlib.closing(_read_only(path)) as db:
+            (schema,) = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            count = _count(db)
+    except (sqlite3.DatabaseError, TypeError) as error:  # TypeError: no schema row
+        return f"{path}: damaged ({error}); the next evaluation moves it aside and starts a new cache"
+    if schema != str(SCHEMA_VERSION):
+        return f"{path}: written with schema {schema}, not {SCHEMA_VERSION}; the next evaluation moves it aside"
+    return f"{path}: {count} cached responses"
 
 
 def namespace(fingerprint: str, mode: str, scale_logits: bool, dtype: str) -> str:
@@ -54,7 +128,9 @@ class ResponseCache:
     ``generations``: key -> tokens."""
 
     def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path else default_path()
+        """``path``: the cache file, or a directory for its ``responses.sqlite`` (default: $MLFLOW_LMEVAL_CACHE)."""
+        self.path = cache_file(path)
+        check_ours(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -63,6 +139,9 @@ class ResponseCache:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # First, while a new file is still in rollback mode, so the id reaches the main file's header at once.
+        if db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(
@@ -78,7 +157,7 @@ class ResponseCache:
         return db
 
     def _open_checked(self) -> sqlite3.Connection:
-        """Open the cache; a torn or corrupt file is moved aside and rebuilt, never trusted."""
+        """Open the cache; a torn or corrupt file of ours (``check_ours``) is moved aside and rebuilt, never trusted."""
         try:
             db = self._connect()
             (verdict,) = db.execute("PRAGMA quick_check").fetchone()
@@ -137,7 +216,7 @@ class ResponseCache:
                                  [(namespace_, key, json.dumps(tokens)) for key, tokens in rows])
 
     def count(self) -> int:
-        return sum(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("pieces", "generations"))
+        return _count(self._db)
 
     def clear(self) -> int:
         removed = self.count()

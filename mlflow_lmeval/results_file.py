@@ -2,19 +2,31 @@
 
 This module alone knows the file's name, how it is written (whole or not at all), how it is read,
 and what its ``checkpoint`` and ``live`` sections say. A results dir is a directory holding one.
+
+It also owns the results dir's other files: the ``samples_<task>.jsonl`` an evaluation writes are
+the ones its results.json lists (``samples_files``), and only those are read, published or, when
+the directory is used again, replaced or removed. Any other file there is the user's: left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .paths import writable_directory_problem
 
 RESULTS_FILE = "results.json"
+STAGING_FILE = RESULTS_FILE + ".partial"  # results.json before its rename: whole or not at all
+SAMPLES_FILES = "samples_files"  # results.json's {task: samples file name} of the files written with it
+
+
+def _json_text(results: Mapping[str, Any], default: Callable[[Any], Any] | None = None) -> str:
+    return json.dumps(results, indent=2, ensure_ascii=False, default=default) + "\n"
 
 
 def write_results_file(results_dir: str | os.PathLike, results: Mapping[str, Any],
@@ -25,10 +37,127 @@ def write_results_file(results_dir: str | os.PathLike, results: Mapping[str, Any
     results.json for a publisher to read. Raises OSError; callers decide what that means.
     """
     directory = Path(results_dir)
-    staging = directory / (RESULTS_FILE + ".partial")
-    staging.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=default) + "\n", encoding="utf-8")
+    staging = directory / STAGING_FILE
+    staging.write_text(_json_text(results, default), encoding="utf-8")
     staging.replace(directory / RESULTS_FILE)
     return directory / RESULTS_FILE
+
+
+# ---- the samples files, and which of a directory's files are an evaluation's -------------------
+
+
+def safe_name(name: str) -> str:
+    """A file-name fragment that cannot leave its directory."""
+    cleaned = re.sub(r"[^\w.\-]", "_", name).lstrip(".")
+    return cleaned or "_"
+
+
+def samples_file_name(task: str) -> str:
+    """``samples_<task>.jsonl``: the name of a task's per-document samples file."""
+    return f"samples_{safe_name(task)}.jsonl"
+
+
+def _is_samples_name(name: Any) -> bool:
+    """A plain ``samples_*.jsonl`` name in the directory itself: a listing read from a file must not
+    make us publish or delete anything elsewhere."""
+    return (isinstance(name, str) and name == Path(name).name and name not in (".", "..")
+            and name.startswith("samples_") and name.endswith(".jsonl"))
+
+
+def listed_samples(results: Mapping[str, Any]) -> dict[str, str]:
+    """{task: samples file name} that belong to ``results``.
+
+    What results.json lists; for one written before the listing was recorded, ``samples_<task>.jsonl``
+    of each of its tasks, if it was evaluated with ``log_samples`` (else none is its own).
+    """
+    listed = results.get(SAMPLES_FILES)
+    if isinstance(listed, Mapping):
+        return {str(task): name for task, name in listed.items() if _is_samples_name(name)}
+    if not (results.get("eval_config") or {}).get("log_samples"):
+        return {}
+    return {str(task): samples_file_name(str(task)) for task in results.get("results") or {}}
+
+
+def samples_files(results_dir: str | os.PathLike, results: Mapping[str, Any]) -> dict[str, Path]:
+    """{task: path} of the samples files of ``results`` that ``results_dir`` holds."""
+    paths = {task: Path(results_dir) / name for task, name in listed_samples(results).items()}
+    return {task: path for task, path in paths.items() if path.is_file()}
+
+
+def _evaluation_results(path: Path) -> dict[str, Any] | None:
+    """The contents of an evaluation's results.json at ``path``; None if no evaluation wrote it."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(results, dict) and all(isinstance(results.get(k), Mapping) for k in ("results", "eval_config"))
+    return results if ours else None
+
+
+def claim_output_dir(directory: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Check that writing an evaluation's results.json and the files ``names`` into ``directory``
+    replaces no file but an earlier evaluation's; return that evaluation's files the new one does
+    not replace (stale now, to remove).
+
+    An earlier evaluation's files: its results.json and the samples files it lists (also those of a
+    results.json.partial a crashed write left). A results.json no evaluation wrote, or a file of
+    ``names`` no evaluation there wrote, is refused (UserError naming it): nothing of the user's is
+    overwritten. Other files are not touched.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    owned = {STAGING_FILE}  # ours by its name, readable or not
+    for name in (RESULTS_FILE, STAGING_FILE):
+        path = directory / name
+        if not os.path.lexists(path):
+            continue
+        earlier = _evaluation_results(path)
+        if earlier is None and name == RESULTS_FILE:
+            raise UserError(f"{path} was not written by an evaluation; not overwriting it: "
+                            "choose another --output_path, or move it")
+        if earlier is not None:
+            owned |= {name, *listed_samples(earlier).values()}
+    names = set(names)
+    for name in sorted(names - owned):
+        if os.path.lexists(directory / name):
+            raise UserError(f"{directory / name} was not written by the evaluation in {directory}; not "
+                            "overwriting it: choose another --output_path, or move it")
+    return [directory / name for name in sorted(owned - names - {RESULTS_FILE, STAGING_FILE})
+            if (directory / name).is_file() and not (directory / name).is_symlink()]
+
+
+def write_evaluation(results_dir: str | os.PathLike, results: Mapping[str, Any],
+                     samples: Mapping[str, Iterable[Any]]) -> Path:
+    """Write an evaluation into ``results_dir``: ``samples_<task>.jsonl`` per task of ``samples``
+    ({task: JSON-safe records}) and results.json listing them; an earlier evaluation's files that
+    are not replaced are removed (see ``claim_output_dir``, which refuses anything else).
+
+    The new results.json goes to its ``.partial`` name first: a crash midway leaves every file
+    written so far listed by one of the two, so the next evaluation there still knows them as
+    its own. Raises UserError (a file not ours in the way) or OSError.
+    """
+    directory = Path(results_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = {task: samples_file_name(task) for task in samples}
+    stale = claim_output_dir(directory, names.values())
+    staging = directory / STAGING_FILE
+    staging.write_text(_json_text({**results, SAMPLES_FILES: names}), encoding="utf-8")
+    for task, records in samples.items():
+        with open(directory / names[task], "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    staging.replace(directory / RESULTS_FILE)
+    return directory / RESULTS_FILE
+
+
+def check_results_dir(directory: str | os.PathLike) -> None:
+    """A one-line UserError when results cannot be written into ``directory``: found before an
+    evaluation starts, not after it has run. Leaves nothing behind (``writable_directory_problem``)."""
+    problem = writable_directory_problem(directory)
+    if problem:
+        raise UserError(f"cannot write results to {directory}: {problem}")
 
 
 def holds_results(directory: str | os.PathLike) -> bool:

@@ -13,11 +13,14 @@ from typing import Protocol, runtime_checkable
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFBackend
 
+from .chat_template import read_templates
 from .errors import UserError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Byte fallback needs 256 byte pieces plus the four specials, and a few real pieces on top.
 MIN_VOCAB_SIZE = 300
+# The named special tokens of transformers' special_tokens_map (chat templates see them by name).
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @runtime_checkable
@@ -93,6 +96,12 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self._sp.unk_id()
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The pieces of the special ids the model has (a chat template sees ``bos_token``, ...)."""
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
+        return {key: self._sp.id_to_piece(i) for key, i in ids.items() if i >= 0}
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
@@ -148,14 +157,17 @@ class HFTokenizer:
 
     It follows lm-eval's ``hf`` backend: ``encode`` adds no special tokens (the evaluator adds the
     prefix token itself), ``decode`` drops them. BOS, EOS and PAD come from tokenizer_config.json,
-    as ``transformers.AutoTokenizer`` reads them; a token that is not set there is None. Nothing is
-    ever fetched from a hub.
+    as ``transformers.AutoTokenizer`` reads them; a token that is not set there is None. Its chat
+    templates (``chat_templates``) come from the directory as transformers finds them
+    (chat_template.py). Nothing is ever fetched from a hub.
     """
 
-    def __init__(self, tokenizer_json: bytes, special_tokens: dict | None = None):
+    def __init__(self, tokenizer_json: bytes, special_tokens: dict | None = None, chat_templates: dict | None = None):
         self.tokenizer_json = tokenizer_json
         self._tokenizer = HFBackend.from_str(tokenizer_json.decode("utf-8"))
         self._special = special_tokens or {}
+        # name -> chat_template.ChatTemplate: the directory's own chat templates (none: {})
+        self.chat_templates = chat_templates or {}
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> HFTokenizer:
@@ -169,15 +181,26 @@ class HFTokenizer:
             config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         except ValueError as error:
             raise UserError(f"not valid JSON: {config_path} ({error})") from None
+        templates = read_templates(directory, config)
         try:
-            return cls(path.read_bytes(), config)
+            return cls(path.read_bytes(), config, templates)
         except Exception as error:  # tokenizers raises its own exception types
             raise UserError(f"not a Hugging Face tokenizer.json: {path} ({error})") from None
 
-    def _special_id(self, key: str) -> int | None:
+    def _special_token(self, key: str) -> str | None:
         token = self._special.get(key)
         if isinstance(token, dict):  # the older AddedToken form: {"content": "<s>", ...}
             token = token.get("content")
+        return token if isinstance(token, str) and token else None
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens tokenizer_config.json names, as strings (what a chat template sees as
+        ``bos_token``, ``eos_token``, ...), as transformers' ``special_tokens_map``."""
+        return {key: token for key in _SPECIAL_TOKEN_KEYS if (token := self._special_token(key))}
+
+    def _special_id(self, key: str) -> int | None:
+        token = self._special_token(key)
         if not token:
             return None
         token_id = self._tokenizer.token_to_id(token)

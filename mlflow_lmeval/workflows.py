@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from .callback import LMEvalCallback
-from .config import EvalConfig
+from .config import EvalConfig, checked_step
 from .errors import UserError
 from .evaluation import evaluate, run_evaluation
+from .results_file import check_results_dir
 from .tokenizer import check_tokenizer
-from .tracking import TrackingError, TrainingRun, flatten_metrics, publish_results
+from .tracking import TrackingError, TrainingRun, flatten_metrics, publish_results, resolve_tracking_uri, store
 from .tracking.logged_models import FINGERPRINT
 
 # The reference model and training loop imported inside ``tracked_training``: they import JAX,
@@ -44,13 +45,15 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
 
     The run holds the settings as params, loss and tokens/s at their steps, and every checkpoint
     as a LoggedModel; checkpoints record the run id in their metadata. Tracking failures warn and
-    never stop training.
+    never stop training; a tracking URI no store can be made of (``store.check_uri``) is refused first.
     """
     from .models import mlstm
     from .training import train
 
     run_context = contextlib.nullcontext(None)
     if tracking.enabled:
+        # A URI no store can be made of is a mistake to name now, not a failure to survive.
+        store.check_uri(resolve_tracking_uri(tracking.tracking_uri))
         params = {**dataclasses.asdict(model_config), **dataclasses.asdict(settings), "num_tokens": len(tokens)}
         params["save_steps"] = ",".join(map(str, settings.save_steps))
         run_context = TrainingRun(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment, params=params,
@@ -84,9 +87,17 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
                      mlflow_run_id=getattr(run, "reference", None), on_log=log, on_checkpoint=checkpointed, on_step=on_step)
 
 
-def _require_output_path(config: EvalConfig) -> None:
-    if not config.output_path:
+def check_destinations(config: EvalConfig, tracking: Tracking) -> None:
+    """Before any work: the results' directory can be written, and the tracking URI names a store
+    MLflow can open. Whether a server answers is found when publishing; results.json waits for
+    ``sync`` meanwhile. Cheap (a directory probe; MLflow's import the first time), so each entry
+    point checks for itself."""
+    if tracking.enabled and not config.output_path:
         raise UserError("an output path is needed: results.json is written before anything is published")
+    if config.output_path:
+        check_results_dir(config.output_path)
+    if tracking.enabled:
+        store.check_uri(resolve_tracking_uri(tracking.tracking_uri))
 
 
 def _evaluate_then_publish(run: Callable[[], dict], config: EvalConfig, tracking: Tracking, *,
@@ -115,7 +126,7 @@ def evaluate_and_publish(checkpoint_dir, config: EvalConfig, tracking: Tracking 
     With ``strict`` a tracking failure raises (after results.json is safe on disk); otherwise it
     warns, leaving ``mlflow-lmeval sync`` to catch up. Returns (results, PublishOutcome or None).
     """
-    _require_output_path(config)
+    check_destinations(config, tracking)
     return _evaluate_then_publish(lambda: evaluate(checkpoint_dir, config, step=step, show_progress=show_progress),
                                   config, tracking, training_run_id=training_run_id, strict=strict)
 
@@ -156,15 +167,15 @@ def evaluate_model(model, tokenizer, config: EvalConfig | dict[str, Any], *, ste
     gets its LoggedModel (keyed on it). Without one there is no LoggedModel and no response cache.
     """
     config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
+    step = checked_step(step)
     check_tokenizer(tokenizer)
     if fingerprint is not None and not (isinstance(fingerprint, str) and FINGERPRINT.match(fingerprint)):
         raise UserError(f"fingerprint {fingerprint!r} is not valid: use letters, digits and _:.- only")
-    if publish:
-        _require_output_path(config)
     active_run_id, tracking_uri = _active_run()
     training_run_id = training_run_id or active_run_id  # recorded in results.json, for a later sync too
     tracking = Tracking(enabled=publish, tracking_uri=tracking_uri)
-    checkpoint = {"path": None, "step": int(step), "fingerprint": fingerprint, "mlflow_run_id": training_run_id}
+    check_destinations(config, tracking)
+    checkpoint = {"path": None, "step": step, "fingerprint": fingerprint, "mlflow_run_id": training_run_id}
     results, _ = _evaluate_then_publish(lambda: run_evaluation(model, tokenizer, config, checkpoint),
                                         config, tracking, training_run_id=training_run_id, strict=True)
     return results

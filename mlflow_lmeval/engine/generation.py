@@ -15,8 +15,8 @@ from .requests import Piece
 
 class Generation:
     """``Engine``'s generation, apart from its scoring. It uses the engine's ``settings``,
-    ``mode``, ``max_length``, ``batch_size``, ``params``, ``_run_batch``, ``_bucket``, ``_decode``,
-    ``_fetch``, ``_agree`` and ``_leads``."""
+    ``mode``, ``max_length``, ``batch_size``, ``params``, ``_cap_chunk``, ``_run_batch``, ``_bucket``,
+    ``_decode``, ``_fetch``, ``_agree`` and ``_leads``."""
 
     def generate(self, contexts: list[list[int]], max_new_tokens: int, finished: Callable[[list[int]], bool],
                  on_done: Callable[[list[tuple[int, list[int]]]], None] | None = None) -> list[list[int]]:
@@ -32,6 +32,9 @@ class Generation:
     def _generate_all(self, contexts, max_new_tokens, finished, on_done):
         """``finished`` is None on the processes that follow process 0: they take its decisions."""
         generate = self._generate_recurrent if self.mode == "recurrent" else self._generate_windowed
+        # The prefill's rows: the contexts (windowed: also the tokens generated, within the window).
+        longest = max(len(c) for c in contexts) + (max_new_tokens if self.mode == "windowed" else 0)
+        self._cap_chunk(longest)
         results: list[list[int]] = [None] * len(contexts)  # type: ignore[list-item]
         order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
         for start in range(0, len(order), self.batch_size):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 
 import jax
@@ -40,6 +41,7 @@ from .requests import Piece, make_pieces, piece_counts, share_contexts
 from .state_table import StateTable
 from .step import Chunk, Totals
 
+logger = logging.getLogger(__name__)
 MODES = ("recurrent", "windowed")
 # A batch longer than this (positions) runs only as many rows as it needs (a power-of-two bucket,
 # see ``row_bucket``): fewer real rows from the start, and fewer again once its shorter rows have
@@ -123,6 +125,9 @@ class Engine(Generation):
             self._host = None
             self.params = jax.device_put(params, self._replicated)
         self.traces = 0  # times jit traced the step or the decode (each new shape is one)
+        # The chunk the current call runs: the setting, capped by ``_cap_chunk`` at the call's longest row.
+        self.chunk_size = settings.chunk_size
+        self._said_capped = False
         self.model_tokens = 0  # real (unpadded) tokens the model has processed
         self.computed_tokens = 0  # positions the step has run, padding included
         # The loss by position needs each target's position in its request, which only recurrent
@@ -179,7 +184,7 @@ class Engine(Generation):
     # ---- batches ------------------------------------------------------------------------------
     def _bucket(self, length: int) -> int:
         """The padded length of a batch whose longest row has ``length`` tokens."""
-        chunk = self.settings.chunk_size
+        chunk = self.chunk_size
         if not self.model.has_state:
             return power_of_two_bucket(length, maximum=self.max_length)
         if chunk <= SHORTEST_BUCKET:
@@ -190,6 +195,27 @@ class Engine(Generation):
         full = length - length % chunk
         tail = length - full
         return full + min(power_of_two_bucket(tail), chunk) if tail else length
+
+    def _cap_chunk(self, longest: int) -> None:
+        """Set ``chunk_size`` for a call whose pieces have at most ``longest`` positions: the
+        setting, capped at that length rounded up to its bucket. A padded row's chunks beyond its
+        piece hold only padding, and a huge setting is allocated all the same (--chunk_size
+        100000000: terabytes). A packed row holds pieces end to end, but a wider chunk costs
+        memory (mLSTM: the square of its width) for no fewer padded positions.
+
+        A padded batch's length is then a power-of-two bucket of its longest row, below either
+        chunk, so it runs the same one-chunk step as under the setting (a batch running fewer
+        rows only pads that chunk less); packed rows run chunks of the capped width, which the
+        model contract makes agree with any other. A setting above the cap scores exactly as
+        the cap given as the setting."""
+        if self.max_length is not None:
+            longest = min(longest, self.max_length)
+        cap = power_of_two_bucket(longest)
+        self.chunk_size = min(self.settings.chunk_size, cap)
+        if self.chunk_size < self.settings.chunk_size and not self._said_capped:
+            self._said_capped = True  # once per engine: each call caps at its own longest piece
+            logger.warning("chunk_size %d is longer than the pieces to score: chunks are capped at the longest, "
+                           "rounded up to its bucket (%d positions here)", self.settings.chunk_size, cap)
 
     def _rows_for(self, real_rows: int, length: int) -> int | None:
         """The rows of a batch of ``real_rows`` pieces padded to ``length`` (None: the batch size)."""
@@ -220,7 +246,7 @@ class Engine(Generation):
             ended = []
         if states is not None:
             state = jax.device_put(states.take(batch["state_idx"]), self._rows)
-        chunk_size = self.settings.chunk_size
+        chunk_size = self.chunk_size
         bucketed = self.model.has_state and length > ROW_BUCKET_MIN_LENGTH
         # A branch must begin in the chunk where its context ends (plan_groups): such a batch
         # keeps all its rows at the chunk width, so the chunks stay where the plan put them.
@@ -303,7 +329,7 @@ class Engine(Generation):
         if plans is None:
             lengths = np.array([p.length for p in pieces])
             if self.packs and states is None and not keep_state:  # a packed row's end state is its last piece's alone
-                plans = plan_streams(lengths, range(len(pieces)), self.batch_size, self.settings.chunk_size,
+                plans = plan_streams(lengths, range(len(pieces)), self.batch_size, self.chunk_size,
                                      PACKED_ROW_LENGTH, self._rows_for)
             else:
                 plans = plan_batches(lengths, self.batch_size, self._bucket, self._rows_for)
@@ -368,6 +394,8 @@ class Engine(Generation):
         return documents[0]
 
     def _compute_slots(self, requests, slots, on_batch=None) -> list[PieceResults]:
+        # A piece's inputs are its request's tokens but the last (a window's: at most max_length).
+        self._cap_chunk(max((len(context) + len(continuation) - 1 for context, continuation in requests), default=1))
         if self.mode == "recurrent" and self.settings.share_prefixes:
             pending = set(range(1, len(requests) + 1)) if slots is None else {d for d, _ in slots}
             return self._score_shared(requests, pending, on_batch)
@@ -427,7 +455,7 @@ class Engine(Generation):
         for index, piece in enumerate(pieces):
             members.setdefault(piece.state_idx, []).append(index)
         lengths = np.array([p.length for p in everything])
-        chunk = self.settings.chunk_size
+        chunk = self.chunk_size
         plans = plan_streams(lengths, members.pop(0, []), self.batch_size, chunk, PACKED_ROW_LENGTH, self._rows_for)
         groups = [(len(pieces) + k - 1, continuations) for k, continuations in sorted(members.items())]
         plans += plan_groups(lengths, groups, self.batch_size, chunk, PACKED_ROW_LENGTH)

@@ -1,17 +1,24 @@
 """Self-contained checkpoints: one directory per step, everything needed to evaluate it later.
 
     step_<N>/
-      params/          orbax PyTree checkpoint of the parameters
+      params/          orbax PyTree checkpoint of the parameters (one zarr array directory per leaf)
       tokenizer.model  a copy of the SentencePiece model
       metadata.json    format, step, model config, fingerprint, optional mlflow_run_id
+
+The layout is deterministic: two saves of the same parameters give byte-identical ``params/``
+directories, so DVC's hash of a checkpoint changes only when its contents do. Checkpoints written
+before (orbax's default OCDBT layout, whose data files are named and split anew on every save)
+still load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,12 +30,16 @@ import numpy as np
 from ..errors import UserError
 from ..tokenizer import Tokenizer
 from . import mlstm
+from .loading import require_directory
 from .protocol import LanguageModel, full_pass, padded_logits
 
 FORMAT = "mlflow_lmeval.checkpoint/1"
 METADATA_FILE = "metadata.json"
 TOKENIZER_FILE = "tokenizer.model"
 PARAMS_DIR = "params"
+# What orbax writes per save and restore never reads: the save's start and commit times, and the
+# absolute path it was saved to. Removed, so that a save's bytes depend on the parameters alone.
+ORBAX_PER_SAVE_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
 
 def fingerprint(config: mlstm.MLSTMConfig, params, tokenizer_bytes: bytes) -> str:
@@ -59,9 +70,14 @@ def save_checkpoint(
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+    # Without OCDBT each leaf is one zarr directory named by its tree path, its chunks compressed
+    # deterministically; OCDBT names its data files at random and splits them by thread timing.
+    # Host (numpy) leaves: the layout then records no device (no `_sharding` naming cpu:0 or cuda:0).
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False))
+    with _quiet_ocdbt_merge():
+        checkpointer.save(staging / PARAMS_DIR, jax.tree.map(np.asarray, params))
+    for name in ORBAX_PER_SAVE_FILES:
+        (staging / PARAMS_DIR / name).unlink(missing_ok=True)
     (staging / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes)
     metadata = {
         "format": FORMAT,
@@ -74,6 +90,24 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final
+
+
+class _SkipOcdbtMerge(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_ocdbt_merge():
+    """orbax 0.12 tries to merge OCDBT files after every save and warns, through absl, that a
+    checkpoint without OCDBT has none: noise on every save, so that one warning is dropped."""
+    quiet = _SkipOcdbtMerge()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @dataclasses.dataclass
@@ -103,8 +137,7 @@ class Checkpoint:
 
 def _read_metadata(path: Path) -> dict:
     file = path / METADATA_FILE
-    if not path.is_dir():
-        raise UserError(f"checkpoint not found: {path}")
+    require_directory(path)
     if not file.is_file():
         raise UserError(f"not a checkpoint (no {METADATA_FILE}): {path}")
     try:

@@ -4,7 +4,8 @@
       config.json                model_type "xlstm" (transformers' xLSTMForCausalLM)
       model.safetensors          or model.safetensors.index.json + the shards it names
       tokenizer.json             Hugging Face `tokenizers`
-      tokenizer_config.json      bos/eos/pad tokens (optional)
+      tokenizer_config.json      bos/eos/pad tokens, chat_template (optional)
+      chat_template.jinja        the chat template, additional_chat_templates/NAME.jinja named ones (optional)
 
 Weights are read shard by shard, tensor by tensor, each straight into a buffer of its own (no
 memory map: the mapped pages of a whole shard, often 5 GB, would count against the process until
@@ -28,6 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ..chat_template import template_files
 from ..errors import UserError
 from ..tokenizer import HFTokenizer
 from . import xlstm
@@ -138,11 +140,12 @@ def fingerprint(files: list[Path]) -> str:
 
 
 def _identity_files(path: Path, weights: list[Path]) -> list[Path]:
-    """What decides the model's outputs: config, weights, tokenizer (and its config, if any)."""
+    """What decides the model's outputs: config, weights, tokenizer (and its config and chat
+    template files, if any)."""
     files = [path / CONFIG_FILE, *weights, path / TOKENIZER_FILE]
     if (path / TOKENIZER_CONFIG_FILE).is_file():
         files.append(path / TOKENIZER_CONFIG_FILE)
-    return files
+    return files + template_files(path)
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict:

@@ -23,11 +23,20 @@ METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.json"
 
 
+def require_directory(path: Path) -> None:
+    """A one-line UserError unless ``path`` is a directory: a checkpoint of any format is one."""
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UserError(f"not a checkpoint: {path} is a file; a checkpoint is a directory "
+                        f"(holding {METADATA_FILE} or {CONFIG_FILE})")
+    raise UserError(f"checkpoint not found: {path}")
+
+
 def checkpoint_format(path: str | os.PathLike) -> str:
     """``OURS`` or ``HUGGING_FACE``; a one-line UserError for a directory of neither kind."""
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint not found: {path}")
+    require_directory(path)
     if (path / METADATA_FILE).is_file():
         return OURS
     if (path / CONFIG_FILE).is_file():

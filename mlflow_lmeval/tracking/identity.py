@@ -76,16 +76,51 @@ def task_config_digest(results: Mapping[str, Any]) -> str:
     return "sha256:" + _sha256({name: task_digest(results, name) for name in names})
 
 
-def settings_digest(results: Mapping[str, Any]) -> str:
-    """``sha256:<hex>`` over the evaluation settings that can change a score."""
+def _score_settings(results: Mapping[str, Any]) -> dict[str, dict]:
+    """The evaluation settings that can change a score: ours and lm-eval's own."""
     def section(name: str) -> dict:
         value = results.get(name)
         return dict(value) if isinstance(value, Mapping) else {}
 
-    return "sha256:" + _sha256({
+    settings = {
         "eval_config": config_module.score_settings(section("eval_config")),
         "lm_eval": {k: v for k, v in section("config").items() if k not in _LM_EVAL_NON_SCORE},
-    })
+    }
+    # The chat template's text as used (``apply_chat_template: true`` names none); absent without
+    # one, so evaluations without a template keep the identity they had.
+    chat = section("chat_template")
+    if chat:
+        settings["chat_template"] = {"sha256": chat.get("sha256"), "special_tokens": chat.get("special_tokens")}
+    return settings
+
+
+def settings_digest(results: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` over the evaluation settings that can change a score."""
+    return "sha256:" + _sha256(_score_settings(results))
+
+
+def dataset_digest(results: Mapping[str, Any], task: str) -> str:
+    """32 hex chars: MLflow's dataset digest of one task's metrics (and of the run's dataset input).
+
+    What the task put to the model in this evaluation, so that one key of a LoggedModel under one
+    dataset holds only values of like evaluations: the task (``task_digest``: config, all its
+    documents, version, shots), the documents scored (lm-eval's effective count: the limit as it
+    applied, so ``--limit 20`` of 40 and ``--limit 0.5`` are one dataset, and a limit beyond the
+    task's size is none), every other setting that can change a score, and a group's subtasks'.
+    The other tasks evaluated alongside are left out: a task scores the same with or without them.
+    """
+    settings = _score_settings(results)
+    settings["eval_config"].pop("evaluation_tasks", None)
+    lm_eval_limit = settings["lm_eval"].pop("limit", None)  # the count scored stands in for the limit
+    limit = settings["eval_config"].pop("limit_requests", lm_eval_limit)
+    scored = ((results.get("n-samples") or {}).get(task) or {}).get("effective")
+    if scored is None:  # a group (its subtasks say), or results written without n-samples
+        scored = {"limit": limit}
+    subtasks = (results.get("group_subtasks") or {}).get(task, ())
+    return _sha256({
+        "task": task_digest(results, task), "scored": scored, "settings": settings,
+        "subtasks": [dataset_digest(results, sub) for sub in subtasks if sub != task],
+    })[:32]
 
 
 def evaluation_identity(results: Mapping[str, Any]) -> dict[str, str]:

@@ -261,18 +261,27 @@ def sync(results_dirs: Iterable[str | os.PathLike], **kwargs) -> list[PublishOut
 
     Training spools among them (a ``TrainingRun`` during an outage) go first, so the evaluations
     find their training run. ``kwargs`` go to ``publish_results``. Returns the evaluations'
-    outcomes. Stops at the first TrackingUnavailable (no point hammering a dead server); other bad
-    dirs are reported together after the rest are published.
+    outcomes. A path with nothing to publish in it or below it is refused before anything is
+    published (a mistyped directory, not "all done"). Stops at the first TrackingUnavailable (no
+    point hammering a dead server); other bad dirs are reported together after the rest are published.
     """
-    results_dirs = list(results_dirs)
+    spools, directories, empty = {}, {}, []
+    for path in results_dirs:
+        found_spools, found_dirs = find_training_spools([path]), find_results_dirs([path])
+        if not found_spools and not found_dirs:
+            empty.append(str(path))
+        spools.update(dict.fromkeys(found_spools))
+        directories.update(dict.fromkeys(found_dirs))
+    if empty:
+        raise UserError(f"nothing to publish in {', '.join(empty)}: no {RESULTS_FILE} (nor a training spool) there or below")
     outcomes, failures = [], []
     limits = {name: kwargs.get(name) for name in ("tracking_uri", "max_retries", "timeout")}
-    for spool in find_training_spools(results_dirs):
+    for spool in spools:
         try:
             publish_training_spool(spool, **limits)
         except UserError as error:
             failures.append(f"{spool}: {error}")
-    for directory in find_results_dirs(results_dirs):
+    for directory in directories:
         try:
             outcomes.append(publish_results(directory, **kwargs))
         except TrackingUnavailable:

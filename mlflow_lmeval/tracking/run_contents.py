@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..dvc_context import dvc_context_tags
-from ..results_file import RESULTS_FILE, checkpoint_section, live_section, write_results_file
+from ..results_file import RESULTS_FILE, checkpoint_section, live_section, samples_files, write_results_file
 from . import store
-from .identity import evaluation_timestamp_ms, task_digest
+from .identity import dataset_digest, evaluation_timestamp_ms
 from .keys import flatten_params, results_table, task_metrics, task_sections
 from .position_loss import position_metrics, write_position_plot
 from .redact import env_secrets, redact, scrub_text
@@ -52,7 +52,11 @@ def complete_run(client, run, results_dir: Path, results: dict, identity: Mappin
 
 def _metric_entities(results: Mapping[str, Any], step: int, timestamp_ms: int, model_id: str | None = None,
                      skip: Iterable[str] = ()) -> list:
-    """MLflow Metric objects: each task's metrics tied to the task as dataset and to the model."""
+    """MLflow Metric objects: each task's metrics tied to the task as dataset and to the model.
+
+    The dataset's digest keys on the documents scored and the settings (``dataset_digest``): on the
+    model, a limited or otherwise different evaluation of a task sits beside a full one's value
+    under its own dataset, never over it."""
     from mlflow.entities import Metric
 
     skip, metrics, digests = set(skip), [], {}
@@ -60,7 +64,7 @@ def _metric_entities(results: Mapping[str, Any], step: int, timestamp_ms: int, m
         if key in skip:
             continue
         if model_id:
-            digest = digests.setdefault(task, task_digest(results, task))
+            digest = digests.setdefault(task, dataset_digest(results, task))
             metrics.append(Metric(key, number, timestamp_ms, step, model_id=model_id,
                                   dataset_name=task, dataset_digest=digest))
         else:
@@ -69,7 +73,7 @@ def _metric_entities(results: Mapping[str, Any], step: int, timestamp_ms: int, m
 
 
 def _dataset_inputs(results: Mapping[str, Any]) -> list:
-    """Each task (and group) as an evaluation dataset, identified by its task digest."""
+    """Each task (and group) as an evaluation dataset, with the digest its metrics carry."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     inputs = []
@@ -77,7 +81,7 @@ def _dataset_inputs(results: Mapping[str, Any]) -> list:
         source = {"task": task, "version": (results.get("versions") or {}).get(task)}
         profile = {"n-samples": (results.get("n-samples") or {}).get(task),
                    "n-shot": (results.get("n-shot") or {}).get(task)}
-        dataset = Dataset(name=task, digest=task_digest(results, task), source_type="lm_eval_task",
+        dataset = Dataset(name=task, digest=dataset_digest(results, task), source_type="lm_eval_task",
                           source=json.dumps(source, default=str), profile=json.dumps(profile, default=str))
         inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")]))
     return inputs
@@ -137,7 +141,7 @@ def _description(results: Mapping[str, Any]) -> str | None:
 
 def write_artifacts(directory: Path, results_dir: Path, results: Mapping[str, Any]) -> None:
     """Redacted copies of everything the run should carry: results, table, config, the loss by
-    position's chart, samples."""
+    position's chart, and the samples files results.json lists (no other file of the directory)."""
     secrets = env_secrets()
     clean = redact(results, secrets=secrets)
     write_results_file(directory, clean)
@@ -154,7 +158,7 @@ def write_artifacts(directory: Path, results_dir: Path, results: Mapping[str, An
         writer.writeheader()
         writer.writerows(rows)
     write_position_plot(directory, results)
-    samples = sorted(results_dir.glob("samples_*.jsonl"))
+    samples = sorted(samples_files(results_dir, results).values())
     if samples:
         (directory / "samples").mkdir()
     for source in samples:

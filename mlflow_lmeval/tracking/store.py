@@ -9,11 +9,16 @@ MlflowClient`` 2.3 s), and importing this package must stay cheap for the CLI an
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+from ..paths import writable_directory_problem
 from . import store_lock
 from .errors import TrackingError, translated
 from .keys import fit_key, key_part
@@ -54,14 +59,52 @@ def http_limits(max_retries: int | None = None, timeout: float | None = None) ->
         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": jitter or 0.5,
     }
     os.environ.update({name: str(value) for name, value in wanted.items()})
+    # urllib3 logs each retry as a WARNING ("Retrying (Retry(total=0, ...)) after connection broken
+    # by ..."), which lm-eval's root handler prints above our one line; that line says it all.
+    retries_log = logging.getLogger("urllib3.connectionpool")
+    level = retries_log.level
+    retries_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        retries_log.setLevel(level)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def check_uri(uri: str) -> None:
+    """A one-line UserError (exit 2) for an absolute tracking URI that no store can be made of,
+    found before any work: a scheme MLflow has no store for, a local store whose directory cannot
+    be written, or MLflow's file store where MLflow 3 refuses it. Whether a server answers is left
+    to publishing: the evaluation runs anyway, and ``sync`` publishes it later."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    where = redact_uri(uri)
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except UnsupportedModelRegistryStoreURIException as error:
+        schemes = ", ".join(scheme for scheme in error.supported_uri_schemes if scheme)
+        scheme = urllib.parse.urlparse(uri).scheme
+        raise UserError(f"tracking URI {where}: MLflow has no store for the scheme {scheme!r} (known: {schemes})") from None
+    if (database := sqlite_file(uri)) is not None:
+        directory, what = database.parent, "database"
+        if database.is_dir():
+            raise UserError(f"tracking URI {where}: {database} is a directory, not a database file")
+    elif uri.startswith("file:"):
+        directory, what = Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path)), "file store"
+    else:
+        return
+    problem = writable_directory_problem(directory)
+    if problem:
+        raise UserError(f"tracking URI {where}: cannot write the {what}'s directory {directory}: {problem}")
+    if what == "file store" and not MLFLOW_ALLOW_FILE_STORE.get():
+        raise UserError(f"tracking URI {where} is MLflow's file store, which MLflow 3 refuses unless "
+                        f"MLFLOW_ALLOW_FILE_STORE=true; a database works: sqlite:///{directory}/mlflow.db")
 
 
 def locked(uri: str):
