@@ -20,6 +20,7 @@ _EXPORTS = {
     "TrackingError": "mlflow_lmeval.tracking",
     "TrackingUnavailable": "mlflow_lmeval.tracking",
     "LMEvalCallback": "mlflow_lmeval.callback",
+    "set_experiment": "mlflow_lmeval.tracking",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (a list, built from the table above)

@@ -186,7 +186,6 @@ def read_templates(directory: str | Path, tokenizer_config: Mapping) -> dict[str
             templates[name] = ChatTemplate(text, str(file.relative_to(directory)), name)
         return templates
     value = tokenizer_config.get("chat_template")
-    where = f"{TOKENIZER_CONFIG_FILE} chat_template"
     if value is None:
         return {}
     if isinstance(value, str):
@@ -194,13 +193,20 @@ def read_templates(directory: str | Path, tokenizer_config: Mapping) -> dict[str
     if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
                                        and isinstance(t.get("template"), str) for t in value):
         return {t["name"]: ChatTemplate(t["template"], TOKENIZER_CONFIG_FILE, t["name"]) for t in value}
-    raise UserError(f"{directory / TOKENIZER_CONFIG_FILE}: {where} must be a string or a list of "
+    raise UserError(f"{directory / TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of "
                     f"{{\"name\", \"template\"}} objects, got {type(value).__name__}")
 
 
 def resolve(requested: bool | str, tokenizer) -> ChatTemplate:
     """The template ``--apply_chat_template`` (True, a name or Jinja text) selects for ``tokenizer``
-    (its ``chat_templates``, if it has any); the rules are in the module docstring."""
+    (its ``chat_templates``, if it has any); the rules are in the module docstring. It is compiled
+    here, so that a broken one fails before any work."""
+    template = _select(requested, tokenizer)
+    template._compiled  # noqa: B018 (compiled once and kept; a syntax error is a UserError now)
+    return template
+
+
+def _select(requested: bool | str, tokenizer) -> ChatTemplate:
     if isinstance(requested, str) and is_template_text(requested):
         return ChatTemplate(requested, "--apply_chat_template")
     name = requested if isinstance(requested, str) else None
@@ -218,7 +224,7 @@ def resolve(requested: bool | str, tokenizer) -> ChatTemplate:
         template = own[DEFAULT_NAME]
         if name is not None and name != DEFAULT_NAME:
             warnings.warn(f"--apply_chat_template {name}: the tokenizer has one chat template ({template.source}), "
-                          "which is used instead, as lm-eval's hf backend does", stacklevel=2)
+                          "which is used instead, as lm-eval's hf backend does", stacklevel=3)
         return template
     names = ", ".join(sorted(own))
     if name is None:

@@ -176,11 +176,6 @@ class JaxLM(TemplateLM):
         return list(until), max_gen_toks
 
     # ---- chat ------------------------------------------------------------------------------------
-    @property
-    def chat(self) -> ChatTemplate | None:
-        """The chat template in use (chat_template.py says which), or None without one."""
-        return self._chat
-
     def chat_identity(self) -> dict | None:
         """What the chat prompts depend on: the template (its text and where it came from) and the
         special tokens it sees. results.json's ``chat_template`` section and the request cache's

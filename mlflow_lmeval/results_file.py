@@ -67,13 +67,14 @@ def _is_samples_name(name: Any) -> bool:
 def listed_samples(results: Mapping[str, Any]) -> dict[str, str]:
     """{task: samples file name} that belong to ``results``.
 
-    What results.json lists; for one written before the listing was recorded, ``samples_<task>.jsonl``
-    of each of its tasks, if it was evaluated with ``log_samples`` (else none is its own).
+    What results.json lists; for one written before the listing was recorded (or by another
+    tool), ``samples_<task>.jsonl`` of each of its tasks, unless its eval_config says it was
+    evaluated without ``log_samples`` (then none is its own).
     """
     listed = results.get(SAMPLES_FILES)
     if isinstance(listed, Mapping):
         return {str(task): name for task, name in listed.items() if _is_samples_name(name)}
-    if not (results.get("eval_config") or {}).get("log_samples"):
+    if (results.get("eval_config") or {}).get("log_samples") is False:
         return {}
     return {str(task): samples_file_name(str(task)) for task in results.get("results") or {}}
 

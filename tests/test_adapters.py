@@ -5,12 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import log_probs, run_in_chunks
+from conftest import log_probs, logprob_bound, rounding_bound, run_in_chunks
 from flax import nnx
 
 from mlflow_lmeval import from_linen_cache, from_nnx
 
 VOCAB, DIM, LENGTH = 50, 16, 40
+# A logit's path of reductions: the drive's projection (DIM), the recurrence (one rounding per step,
+# at most LENGTH steps) and the output projection (DIM); the logits are below 0.6 (measured, both
+# adapters), so chunked and full passes agree within LOGPROB on each log-probability (1.6e-5).
+LOGPROB = logprob_bound(rounding_bound(DIM + LENGTH + DIM, 0.6), VOCAB)
 
 
 def gated_rnn_step(decay, drive, state, keep):
@@ -88,7 +92,8 @@ def test_chunks_match_full_pass(model, tokens, chunk_size):
     assert model.has_state
     full, _ = run_in_chunks(model, model.params, tokens, LENGTH)
     chunked, _ = run_in_chunks(model, model.params, tokens, chunk_size)
-    np.testing.assert_allclose(log_probs(chunked), log_probs(full), rtol=1e-5, atol=1e-5)
+    # Our two paths, another order (XLA compiles each chunk length on its own): within LOGPROB.
+    np.testing.assert_allclose(log_probs(chunked), log_probs(full), rtol=0, atol=LOGPROB)
 
 
 def test_masked_positions_leave_state_unchanged(model, tokens):

@@ -61,7 +61,7 @@ def test_a_chunk_wider_than_every_piece_is_capped_and_scores_as_the_cap(checkpoi
     assert computed == capped.computed_tokens
 
     contexts = [context for context, _ in requests[::9]]
-    never = lambda tokens: False  # noqa: E731
+    never = lambda tokens: False
     assert wide.generate(contexts, 3, never) == capped.generate(contexts, 3, never)
 
 

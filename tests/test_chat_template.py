@@ -83,6 +83,7 @@ def test_two_templates_share_no_request_cache_entry_and_no_identity(tmp_path, ta
     assert prompts_b == [transformers_render(TEMPLATE_B, [{"role": "user", "content": text}]) for text in DOCUMENTS]
     assert prompts_a != prompts_b and results_b["chat_template"]["source"] == "chat_template.jinja"
     assert len(list((tmp_path / "cache" / "lm_eval_requests").iterdir())) == 2
+    assert results_a["checkpoint"]["fingerprint"] != results_b["checkpoint"]["fingerprint"]  # the .jinja counts
     # The same score settings (apply_chat_template: true), two templates: two settings digests.
     assert score_settings(results_a["eval_config"]) == score_settings(results_b["eval_config"])
     assert settings_digest(results_a) != settings_digest(results_b)
@@ -134,8 +135,11 @@ def test_which_template_a_name_selects(tmp_path):
     single = tokenizer_with(tmp_path / "3", chat_template="S")
     with pytest.warns(UserWarning, match="chatml: the tokenizer has one chat template"):
         assert resolve("chatml", single).text == "S"  # as lm-eval's hf backend: a name picks among named ones only
-    with pytest.raises(UserError, match="chat_template must be a string or a list"):
+    with pytest.raises(UserError, match="tokenizer_config.json: chat_template must be a string or a list .*got dict"):
         tokenizer_with(tmp_path / "4", chat_template={"name": "x"})
+    broken = tokenizer_with(tmp_path / "6", chat_template="{% for m in messages %}")
+    with pytest.raises(UserError, match="template 'default' \\(tokenizer_config.json\\) cannot be rendered at line 1"):
+        resolve(True, broken)  # when it is chosen, before any prompt is rendered
     bare = tokenizer_with(tmp_path / "5")
     assert resolve("roles", bare).source == "built-in"
     with pytest.raises(UserError, match="'nosuch' is not a built-in one \\(roles, chatml\\)"):
@@ -151,6 +155,8 @@ def test_rendering_follows_transformers_and_lm_evals_hf_call(tmp_path):
     closing = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}", "test")
     chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Answer:"}]
     assert closing.render(chat, add_generation_prompt=False) == "<user>Q?</s><assistant>Answer:"
+    with pytest.raises(UserError, match="leaves out the last message's content"):
+        ChatTemplate("{% for m in messages %}<{{ m.role }}>{% endfor %}", "test").render(chat, add_generation_prompt=False)
     strict = ChatTemplate("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}"
                           "{% endif %}{{ m.content }}{% endfor %}", "test")
     with warnings.catch_warnings(record=True) as caught:

@@ -57,7 +57,7 @@ CASES = {
     "limit-1.5": (EVALUATE + ["--limit", "1.5"], "--limit must be a count (a whole number from 1) or a fraction below 1, got 1.5"),
     "negative-step": (EVALUATE + ["--step", "-5"], "argument --step: must be 0 or more, got -5"),
     "context-length-without-windowed": (EVALUATE + ["--context_length", "128"], "--context_length applies only in windowed mode"),
-    "checkpoint-is-a-file": (EVALUATE + ["--checkpoint", "{w}/a_file"], "not a checkpoint: {w}/a_file is a file"),
+    "checkpoint-is-a-file": (EVALUATE + ["--no_tracking", "--checkpoint", "{w}/a_file"], "not a checkpoint: {w}/a_file is a file"),
     "sync-nothing-there": (["sync", "{w}/d"], "nothing to publish in {w}/d: no results.json"),
     "cache-not-sqlite": (["cache", "info", "--cache_path", "{w}/a_file"], "{w}/a_file is not a response cache (not a SQLite file)"),
     "cache-foreign-sqlite": (["cache", "clear", "--cache_path", "{w}/user.db"], "{w}/user.db is not a response cache (a SQLite database"),

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import naive_loglikelihood
+from conftest import assert_logliks_close, naive_loglikelihood
 
 from mlflow_lmeval import EvalConfig
 from mlflow_lmeval.evaluation import evaluate
@@ -75,8 +75,9 @@ def test_loglikelihoods_equal_naive_full_pass(reference, checkpoint, task):
     _, samples = reference
     for sample in samples[task]:
         for (context, continuation), (loglik, greedy) in zip(sample["arguments"], (r[0] for r in sample["resps"])):
-            expected = naive_loglikelihood(checkpoint, *encode_like_lm_eval(checkpoint, context, continuation))
-            assert float(loglik) == pytest.approx(expected[0], rel=1e-5, abs=1e-4)
+            context_tokens, continuation_tokens = encode_like_lm_eval(checkpoint, context, continuation)
+            expected = naive_loglikelihood(checkpoint, context_tokens, continuation_tokens)
+            assert_logliks_close(float(loglik), expected[0], len(continuation_tokens))  # another order
             assert bool(greedy) == expected[1]
 
 
@@ -84,8 +85,9 @@ def test_rolling_loglikelihood_equals_naive_full_pass(reference, checkpoint):
     _, samples = reference
     for sample in samples["t_rolling"]:
         text = sample["arguments"][0][0]
-        expected, _ = naive_loglikelihood(checkpoint, [checkpoint.tokenizer.bos_id], checkpoint.tokenizer.encode(text))
-        assert float(sample["resps"][0][0]) == pytest.approx(expected, rel=1e-5)
+        tokens = checkpoint.tokenizer.encode(text)
+        expected, _ = naive_loglikelihood(checkpoint, [checkpoint.tokenizer.bos_id], tokens)
+        assert_logliks_close(float(sample["resps"][0][0]), expected, len(tokens))  # another order
 
 
 def test_generation_equals_naive_decode_cut_at_until(reference, checkpoint):
@@ -133,9 +135,13 @@ def test_settings_give_the_same_per_request_results(reference, checkpoint, local
             if task == "t_complete":
                 assert got["resps"] == want["resps"]
                 continue
-            for a, b in zip(got["resps"], want["resps"]):
-                a, b = (a[0], b[0]) if task == "t_rolling" else (a[0][0], b[0][0])
-                assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-4)
+            for arguments, a, b in zip(got["arguments"], got["resps"], want["resps"]):
+                # Another order (other chunks, windows or rows): the tiny mLSTM's bound per scored token.
+                if task == "t_rolling":
+                    a, b, scored = a[0], b[0], len(checkpoint.tokenizer.encode(arguments[0]))
+                else:
+                    a, b, scored = a[0][0], b[0][0], len(encode_like_lm_eval(checkpoint, *arguments)[1])
+                assert_logliks_close(float(a), float(b), scored)
 
 
 def test_chat_template_and_system_instruction_reach_the_prompt(checkpoint, local_tasks, tmp_path):
@@ -162,6 +168,8 @@ def test_stderrs_for_every_metric_without_a_process_pool(checkpoint, local_tasks
     rng = np.random.default_rng(0)
     resampled = items[rng.integers(0, len(items), (4000, len(items)))]
     plain = np.std(np.exp(-resampled[..., 0].sum(1) / resampled[..., 1].sum(1)), ddof=1)
+    # Two bootstraps of one statistic, with other draws: a standard deviation estimated from B
+    # resamples is off by about 1/sqrt(2B) relative (1.1 % for B = 4,000), so 10 % is 9 of those.
     assert rolling["word_perplexity_stderr,none"] == pytest.approx(plain, rel=0.1)
     for metric in ("byte_perplexity", "bits_per_byte", "token_perplexity", "mean_token_loglik"):
         assert rolling[f"{metric}_stderr,none"] > 0, metric
@@ -175,4 +183,5 @@ def test_token_perplexity_is_computed_from_the_fused_documents(checkpoint, refer
     logliks = [float(s["resps"][0][0]) for s in samples["t_rolling"]]
     counts = [len(tok.encode(s["arguments"][0][0])) for s in samples["t_rolling"]]
     expected = float(np.exp(-np.sum(logliks) / np.sum(counts)))
+    # The same float64 log-likelihoods (JSON keeps every bit) summed in another order: n·2^-53 apart.
     assert results["results"]["t_rolling"]["token_perplexity,none"] == pytest.approx(expected, rel=1e-9)

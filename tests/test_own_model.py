@@ -24,11 +24,14 @@ def readme_example(marker: str) -> str:
 
 @pytest.fixture
 def example_env(tmp_path, monkeypatch):
-    """The examples' temp dirs under tmp_path; no tracking environment in or out."""
+    """The examples' temp dirs under tmp_path/tmp, run from the empty tmp_path/cwd; no tracking
+    environment in or out."""
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     yield
     while mlflow.active_run():
         mlflow.end_run()
@@ -40,6 +43,9 @@ def run_example(marker: str, capsys) -> dict:
     exec(compile(readme_example(marker), f"README.md:{marker}", "exec"), namespace)
     printed = capsys.readouterr().out
     assert re.search(r"^acc \d", printed, flags=re.MULTILINE), printed
+    # Everything it writes is under the workdir it names, nothing where it was run (no ./mlruns).
+    assert sorted(path.name for path in Path.cwd().iterdir()) == []
+    assert namespace["workdir"].parent == Path(tempfile.gettempdir())
     return namespace
 
 

@@ -33,7 +33,7 @@ from .keys import (
 from .logged_models import checkpoint_info, ensure_checkpoint_model
 from .publish import PublishOutcome, evaluation_run, log_live_metrics, publish_results, sync
 from .redact import REDACTED, redact_uri
-from .store import SPOOLED_PREFIX, connected, http_limits, log_batch
+from .store import SPOOLED_PREFIX, connected, http_limits, log_batch, set_experiment
 from .training_run import TrainingRun, spooled_training_reference, start_training_run
 from .training_spool import SPOOL_DIR_NAME, find_training_spools, publish_training_spool
 from .uri import project_root, resolve_tracking_uri
@@ -74,6 +74,7 @@ __all__ = [
     "redact_uri",
     "resolve_tracking_uri",
     "results_table",
+    "set_experiment",
     "settings_digest",
     "spooled_training_reference",
     "start_training_run",

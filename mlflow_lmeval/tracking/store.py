@@ -23,7 +23,7 @@ from . import store_lock
 from .errors import TrackingError, translated
 from .keys import fit_key, key_part
 from .redact import env_secrets, redact_uri, scrub_text
-from .uri import sqlite_file
+from .uri import resolve_tracking_uri, sqlite_file
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -164,6 +164,27 @@ def ensure_experiment(mlflow_client, name: str, uri: str) -> str:
     if not (experiment.tags or {}).get(TAG_EXPERIMENT_KIND):  # a kind the user chose stays
         mlflow_client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, MODEL_DEVELOPMENT)
     return experiment.experiment_id
+
+
+def set_experiment(name: str | None = None, tracking_uri: str | None = None) -> str:
+    """Point MLflow's own API (``mlflow.start_run``...) at an experiment of the project's store, as
+    ``mlflow.set_experiment`` does; returns the experiment's id.
+
+    The store is ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project
+    root>/mlflow.db``; the experiment ``name``, else ``MLFLOW_EXPERIMENT_NAME``, else
+    ``mlflow_lmeval``, created if missing (``ensure_experiment``: a SQLite store's artifacts beside
+    its database). The experiments MLflow makes itself, its ``Default`` one and
+    ``mlflow.set_experiment``'s, keep their artifacts in ``./mlruns`` of the directory the process
+    runs in, and so would every evaluation run published under a run of theirs.
+    """
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    with connected(uri, "setting the experiment") as mlflow_client:
+        experiment_id = ensure_experiment(mlflow_client, experiment_name(name), uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
 
 def resolve_experiment_id(mlflow_client, uri: str, experiment: str | None, parent_run) -> str:
