@@ -119,7 +119,8 @@ class EvalConfig:
     infinite_eval_chunksize: int = _field(64, Setting(
         None, "--chunk_size", "chunk_size", "chunk_size",
         help="tokens per recurrent step (a long batch running fewer rows takes proportionally more, "
-             "so a step never exceeds batch_size x chunk_size tokens)"))
+             "so a step never exceeds batch_size x chunk_size tokens); at most the longest piece, "
+             "rounded up to a power of two"))
     context_length: int | None = _field(None, Setting(
         RESPONSES, "--context_length", "context_length", "context_length",
         help="window length in fixed-context mode (default: the model's)"))

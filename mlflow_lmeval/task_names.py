@@ -2,10 +2,12 @@
 
 lm-eval's ``TaskManager`` with its defaults parses all of its ~14,000 task YAML files (with their
 ``include:``s) before it can say whether a name exists: 14 s measured on this machine. Every task,
-group and tag name of theirs is written in one of those files, so a name that appears in none of
-their texts as a whole word cannot be one of lm-eval's tasks. Reading them as plain text takes
-about 0.6 s of CPU, and answers "unknown" without the index; a name that does appear still goes
-to the real index, which alone decides that it exists.
+group and tag name of theirs is written in one of those files or in a file they include (which
+need not end in .yaml: ``_template_yaml``, ``_gen_yaml_2shot``), so a name that appears as a whole
+word in no file of lm-eval's task tree but its Python sources cannot be one of lm-eval's tasks.
+Reading that tree as plain text (9 MB) takes about 0.7 s of CPU and answers "unknown" without the
+index; a name that does appear still goes to the real index, which alone decides that it exists.
+Checked against lm-eval 0.4.13's index: each of its 14,683 names appears.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 _NAME_CHAR = r"[\w.\-]"  # what lm-eval's task names are made of (a match must not sit inside a longer name)
-# The names a YAML defines: its top-level `task:`, `group:` and `tag:` values (suggestions only).
+# The names a YAML defines (suggestions only): its top-level `task:`, `group:` and `tag:` values,
+# and the items of a `tag:` list.
 _DEFINED = re.compile(r"^(?:task|group|tag):[ \t]*['\"]?([\w.\-]+)", re.MULTILINE)
+_TAG_LIST = re.compile(r"^tag:[ \t]*\n((?:[ \t]+-[ \t]*\S+[ \t]*\n)+)", re.MULTILINE)
 
 
 @functools.cache
@@ -26,7 +30,8 @@ def _lm_eval_task_text() -> str:
     import lm_eval.tasks
 
     root = Path(lm_eval.tasks.__file__).parent
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace") for path in sorted(root.rglob("*.yaml")))
+    files = (path for path in sorted(root.rglob("*")) if path.is_file() and path.suffix not in (".py", ".pyc"))
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace") for path in files)
 
 
 def may_be_lm_eval_task(name: str) -> bool:
@@ -39,9 +44,11 @@ def may_be_lm_eval_task(name: str) -> bool:
 
 
 def lm_eval_task_names() -> list[str]:
-    """The names lm-eval's task YAMLs define on a top-level line, found without parsing them
-    (tags written as a YAML list are missed; good enough to suggest names, never to decide)."""
-    return sorted(set(_DEFINED.findall(_lm_eval_task_text())))
+    """Most names lm-eval's task YAMLs define, found without parsing them: good enough to suggest
+    names, never to decide."""
+    text = _lm_eval_task_text()
+    listed = (item.strip().lstrip("-").strip().strip("'\"") for block in _TAG_LIST.findall(text) for item in block.splitlines())
+    return sorted(set(_DEFINED.findall(text)) | set(listed))
 
 
 def close_names(name: str, *candidates: Iterable[str], count: int = 3) -> list[str]:

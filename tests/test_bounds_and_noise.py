@@ -65,11 +65,16 @@ def test_a_chunk_wider_than_every_piece_is_capped_and_scores_as_the_cap(checkpoi
     assert wide.generate(contexts, 3, never) == capped.generate(contexts, 3, never)
 
 
-def test_a_chunk_within_the_pieces_is_left_as_set(checkpoint, requests, caplog):
-    engine = Engine(checkpoint.model, EngineSettings(batch_size=8, chunk_size=16))
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_a_chunk_within_the_pieces_or_the_default_is_left_as_set(checkpoint, requests, chunk_size, caplog):
+    """16 is narrower than the pieces; 64, the default, is never capped, not even for pieces of a
+    few tokens: a default run keeps the steps it always ran."""
+    short = [(context[:6], continuation) for context, continuation in requests[:8]]
+    assert longest_piece(short) < 32
+    engine = Engine(checkpoint.model, EngineSettings(batch_size=8, chunk_size=chunk_size))
     with caplog.at_level(logging.WARNING, logger="mlflow_lmeval"):
-        engine.score(requests[:8])
-    assert engine.chunk_size == 16
+        engine.score(short)
+    assert engine.chunk_size == chunk_size
     assert not [r for r in caplog.records if "capped" in r.getMessage()]
 
 
@@ -139,10 +144,11 @@ def test_a_normal_run_prints_no_library_notices_and_verbose_shows_them(checkpoin
     assert "warnings.warn(" not in err and "TrackingWarning" not in err, err
     told = [line for line in err.splitlines() if "capped" in line]
     assert len(told) == 1 and told[0].startswith("warning: chunk_size 100000000 "), err
-    # The capped chunk (a bucket of these ~16-token pieces) is below the default 64: no more
-    # memory than the default run; 1.25 leaves room for the allocator's and the verbose run's noise.
+    # Capped at the smallest cap, the default 64 (these pieces have ~16 tokens): the memory of the
+    # default run, which 1.25 allows with room for the allocator's and the verbose run's noise.
     _, _, verbose_err, default_rss = runs["verbose"]
     assert huge_rss <= 1.25 * default_rss, (huge_rss, default_rss)
+    assert "capped" not in verbose_err  # the default chunk is never capped, so nothing to say
 
     for what, line in NOISE.items():
         assert line in verbose_err, (what, verbose_err)

@@ -28,6 +28,7 @@ def test_save_then_load_gives_bit_identical_logits(checkpoint, tiny_config):
     assert loaded.fingerprint.startswith("sha256:")
     tokens = np.arange(60, dtype=np.int32).reshape(2, 30) % tiny_config.vocab_size
     before_saving = dataclasses.replace(loaded, params=params)
+    # The same jitted program on the same inputs, with the weights restored bit for bit: exact.
     np.testing.assert_array_equal(loaded.logits(tokens), before_saving.logits(tokens))
     for saved, restored in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params)):
         assert saved.dtype == restored.dtype and np.array_equal(np.asarray(saved), np.asarray(restored))

@@ -10,6 +10,12 @@ import pytest
 from mlflow_lmeval import compare, compare_report, paired_stats, stats
 from mlflow_lmeval.errors import UserError
 
+# Float tolerances here are float64 (2^-53 = 1.1e-16 per rounding): rel=1e-12 where two formulas
+# compute one statistic from the same numbers (sums of at most a few thousand terms round within
+# n·2^-53), rel=1e-9 against p-values written to 12 significant digits or through an exp; a bare
+# approx() is pytest's 1e-6 on a value computed once more the same way; the Monte Carlo checks say
+# their bound from the sampling distribution where they make it.
+
 LN2 = math.log(2.0)
 
 

@@ -48,10 +48,14 @@ print("RESULT " + json.dumps(out))
 
 
 def _run(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["JAX_PLATFORMS"] = "cpu"
+    # The caller's other XLA flags stay (an ISA cap, as .ci/run's second pass sets); only the device count is ours.
+    flags = [flag for flag in env.pop("XLA_FLAGS", "").split() if not flag.startswith("--xla_force_host_platform_device_count")]
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(Path(__file__).parent)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )

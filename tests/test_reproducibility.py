@@ -10,11 +10,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from mlflow_lmeval import load
 from mlflow_lmeval.models import mlstm
-from mlflow_lmeval.models.checkpoint import ORBAX_PER_SAVE_FILES, PARAMS_DIR, fingerprint, save_checkpoint
+from mlflow_lmeval.models.checkpoint import PARAMS_DIR, fingerprint, save_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "repro_mlstm" / "step_40"  # make_fixture.py beside it writes it
 # XLA_FLAGS of each run: the two caps every x86-64 CPU of the last decade can run, and the host's own
@@ -43,8 +42,7 @@ def test_two_saves_of_the_same_params_are_byte_identical(tmp_path, tokenizer, ti
     a, b = tree_bytes(first), tree_bytes(second)
     assert sorted(a) == sorted(b)
     assert [name for name in a if a[name] != b[name]] == []
-    # one zarr array directory per leaf, and none of orbax's per-save records
-    assert not {f"{PARAMS_DIR}/{name}" for name in ORBAX_PER_SAVE_FILES} & set(a)
+    # one zarr array directory per leaf, named by its path in the tree
     assert sum(name.endswith("/.zarray") for name in a) == len(jax.tree.leaves(params))
     loaded = load(first)
     assert loaded.fingerprint == fingerprint(tiny_config, params, tokenizer.model_bytes)
@@ -129,10 +127,10 @@ def test_evaluating_one_checkpoint_agrees_across_isa_caps(local_tasks, tmp_path)
     assert len(reference) == 3 and all(len(docs) == 6 for docs in reference.values())
     for cap in ("AVX2", "host"):
         worst, problems = _differences(reference, _samples(tmp_path / cap))
-        print(f"SSE4_2 vs {cap}: largest relative difference of a log-likelihood {worst:.2e}")
         assert problems == [], f"SSE4_2 vs {cap}"
         ours = json.loads((tmp_path / "SSE4_2" / "results.json").read_text())["results"]
         theirs = json.loads((tmp_path / cap / "results.json").read_text())["results"]
+        worst_metric = 0.0
         for task, metrics in ours.items():
             for name, value in metrics.items():
                 if not isinstance(value, float) or "stderr" in name or not math.isfinite(value):
@@ -140,4 +138,6 @@ def test_evaluating_one_checkpoint_agrees_across_isa_caps(local_tasks, tmp_path)
                 if name.startswith("acc"):  # a mean of 0/1: equal, since no choice flipped above
                     assert theirs[task][name] == value, f"{cap}: {task} {name}"
                 else:  # perplexities, bits per byte, mean token log-likelihood
+                    worst_metric = max(worst_metric, _relative(value, theirs[task][name]))
                     assert _relative(value, theirs[task][name]) <= RELATIVE, f"{cap}: {task} {name} {value} vs {theirs[task][name]}"
+        print(f"SSE4_2 vs {cap}: largest relative difference {worst:.2e} (a log-likelihood), {worst_metric:.2e} (a metric)")

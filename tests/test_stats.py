@@ -7,6 +7,13 @@ import pytest
 
 from mlflow_lmeval import bootstrap, stats
 
+# Float tolerances here are float64 (2^-53 = 1.1e-16 per rounding), of two kinds:
+# - two formulas of one statistic on the same numbers (ours and lm-eval's, vectorised and looped):
+#   sums of at most a few thousand terms round within n·2^-53 < 1e-12 relative, so rel=1e-12 (1e-9
+#   where an exp, a square root or a bootstrap over many replicates compounds that); an
+#   approx() without a tolerance is pytest's 1e-6, far above either;
+# - Monte Carlo against its expectation: a bound from the sampling distribution, said at the check.
+
 
 @pytest.fixture
 def no_pool(monkeypatch):
@@ -271,6 +278,8 @@ def test_median_order_statistic_matches_explicit_resamples():
     values = np.unique(samples)
     p_fast = (fast[:, None] == values).mean(axis=0)
     p_slow = (slow[:, None] == values).mean(axis=0)
+    # Two runs of 200,000 resamples (the same seed, other code paths): each frequency p has a standard
+    # error of sqrt(p(1-p)/200,000) <= 0.0011, so 0.005 is over three of their difference's (0.0016).
     np.testing.assert_allclose(p_fast, p_slow, atol=0.005)
     assert stats.median(np.sort(samples)[None])[0] == sorted(samples)[len(samples) // 2]
 

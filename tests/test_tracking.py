@@ -550,5 +550,5 @@ def test_server_killed_mid_publish_then_sync_completes_the_run(server, tmp_path)
     (outcome,) = sync([directory], tracking_uri=server.uri)
     (run,) = all_runs(client)
     assert outcome.run_id == run.info.run_id == half.info.run_id and run.info.status == "FINISHED"
-    assert run.data.metrics == pytest.approx(flatten_metrics(read_results(directory)))
+    assert run.data.metrics == flatten_metrics(read_results(directory))  # doubles through the server and back: exact
     assert "results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

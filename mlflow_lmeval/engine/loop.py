@@ -56,6 +56,9 @@ ROW_BUCKET_MIN_LENGTH = 256
 # positions per batch: the padding is about one chunk per row per batch, so longer rows pad less,
 # but a batch's results (and the response cache's writes) come only when the whole batch ends.
 PACKED_ROW_LENGTH = 2048
+# ``_cap_chunk`` caps a chunk wider than the work's pieces, never below this (the default chunk):
+# the cap saves memory only for wide chunks, and a default run keeps its steps whatever the work.
+SMALLEST_CHUNK_CAP = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,10 +201,11 @@ class Engine(Generation):
 
     def _cap_chunk(self, longest: int) -> None:
         """Set ``chunk_size`` for a call whose pieces have at most ``longest`` positions: the
-        setting, capped at that length rounded up to its bucket. A padded row's chunks beyond its
-        piece hold only padding, and a huge setting is allocated all the same (--chunk_size
-        100000000: terabytes). A packed row holds pieces end to end, but a wider chunk costs
-        memory (mLSTM: the square of its width) for no fewer padded positions.
+        setting, capped at that length rounded up to its bucket, and at least SMALLEST_CHUNK_CAP.
+        A padded row's chunks beyond its piece hold only padding, and a huge setting is allocated
+        all the same (--chunk_size 100000000: terabytes). A packed row holds pieces end to end,
+        but a wider chunk costs memory (the mLSTM runs a chunk with branches as one segment: the
+        square of its width) for no fewer padded positions.
 
         A padded batch's length is then a power-of-two bucket of its longest row, below either
         chunk, so it runs the same one-chunk step as under the setting (a batch running fewer
@@ -210,7 +214,7 @@ class Engine(Generation):
         the cap given as the setting."""
         if self.max_length is not None:
             longest = min(longest, self.max_length)
-        cap = power_of_two_bucket(longest)
+        cap = max(power_of_two_bucket(longest), SMALLEST_CHUNK_CAP)
         self.chunk_size = min(self.settings.chunk_size, cap)
         if self.chunk_size < self.settings.chunk_size and not self._said_capped:
             self._said_capped = True  # once per engine: each call caps at its own longest piece
