@@ -129,8 +129,9 @@ def _cmd_cache(args) -> None:
     if args.action == "info":  # read only: creates, moves and changes nothing
         print(response_cache.describe(args.cache_path))
         return
-    if not response_cache.cache_file(args.cache_path).exists():
-        print(f"{response_cache.cache_file(args.cache_path)}: no response cache to clear")
+    path = response_cache.cache_file(args.cache_path)
+    if not path.exists():  # nothing to clear: no new cache is made just to be emptied
+        print(f"{path}: no response cache to clear")
         return
     cache = ResponseCache(args.cache_path)
     print(f"removed {cache.clear()} cached responses from {cache.path}")

@@ -98,9 +98,9 @@ def describe(path: str | os.PathLike | None = None) -> str:
         return f"{path}: 0 cached responses"
     try:
         with contextlib.closing(_read_only(path)) as db:
-            (schema,) = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            schema = (db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() or [None])[0]
             count = _count(db)
-    except (sqlite3.DatabaseError, TypeError) as error:  # TypeError: no schema row
+    except sqlite3.DatabaseError as error:
         return f"{path}: damaged ({error}); the next evaluation moves it aside and starts a new cache"
     if schema != str(SCHEMA_VERSION):
         return f"{path}: written with schema {schema}, not {SCHEMA_VERSION}; the next evaluation moves it aside"

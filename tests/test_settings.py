@@ -37,18 +37,20 @@ def test_every_field_has_metadata_and_a_changed_value():
         assert setting.affects in (None, *config_module.SCORE_EFFECTS), name
 
 
-def _namespace(checkpoint, config):
-    return CachedEngine(Engine(checkpoint.model, engine_settings(config)), cache=object(), fingerprint="fp").namespace
+def _namespace(model, config):
+    return CachedEngine(Engine(model, engine_settings(config)), cache=object(), fingerprint="fp").namespace
 
 
 @pytest.mark.parametrize("name", sorted(CHANGED))
 def test_a_field_changes_the_identity_and_cache_keys_exactly_when_it_affects_scores(checkpoint, name):
-    base = BASE.replace(context_length=None) if name == "mode" else BASE  # a window length needs windowed mode
+    base, model = BASE, checkpoint.model
+    if name == "mode":  # a context_length is refused outside windowed mode: the window is the model's here
+        base, model = BASE.replace(context_length=None), dataclasses.replace(model, context_length=32)
     changed = base.replace(**{name: CHANGED[name]})
     affects = config_module.settings()[name].affects
     digest = lambda c: settings_digest({"eval_config": c.to_dict()})
     assert (digest(changed) != digest(base)) == (affects is not None)
-    assert (_namespace(checkpoint, changed) != _namespace(checkpoint, base)) == (affects == RESPONSES)
+    assert (_namespace(model, changed) != _namespace(model, base)) == (affects == RESPONSES)
 
 
 def test_every_request_shaping_field_reaches_the_request_cache_key():
