@@ -55,11 +55,12 @@ def _read_only(path: Path) -> sqlite3.Connection:
 
 
 def _is_older_cache(path: Path) -> bool:
-    """A cache from before APPLICATION_ID: its ``meta`` table has our ``schema`` row, beside our tables."""
+    """A cache from before APPLICATION_ID: its ``meta`` table has our ``schema`` row, beside a ``pieces``
+    table (every schema had one; an old one may lack the tables added since)."""
     try:
         with contextlib.closing(_read_only(path)) as db:
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            return {"meta", *_TABLES} <= tables and db.execute("SELECT 1 FROM meta WHERE name = 'schema'").fetchone() is not None
+            return {"meta", "pieces"} <= tables and db.execute("SELECT 1 FROM meta WHERE name = 'schema'").fetchone() is not None
     except sqlite3.Error:
         return False
 
