@@ -87,12 +87,13 @@ def _template_error(task, manager, error: jinja2.TemplateError) -> UserError:
 
 
 def _not_one_of(where: str, field: str, value, known: Iterable[str], *, listed: bool = False,
-                who: str = "lm-eval") -> UserError:
+                who: str = "lm-eval", of: str = "") -> UserError:
+    """``field`` (of ``of``) is ``value``, which is none of ``known``; the closest of them suggested."""
     known = sorted(known) if not listed else list(known)
     close = close_names(str(value), known)
     choices = f" ({', '.join(known)})" if listed else ""
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return UserError(f"{where}: {field} {value!r} is not one {who} knows{choices}{hint}")
+    return UserError(f"{where}: {field} {value!r}{of} is not one {who} knows{choices}{hint}")
 
 
 def _resolves(metric: str, hf_evaluate: bool) -> bool:
@@ -135,7 +136,7 @@ def config_mistake(config, where: str) -> UserError | None:
             return _not_one_of(where, "metric", metric, metric_registry.keys(), who=who)
         aggregation = entry.get("aggregation")
         if isinstance(aggregation, str) and aggregation not in aggregation_registry:
-            return _not_one_of(where, f"aggregation of metric {metric!r}", aggregation, aggregation_registry.keys())
+            return _not_one_of(where, "aggregation", aggregation, aggregation_registry.keys(), of=f" (of metric {metric!r})")
         if aggregation is None and metric not in metric_agg_registry:
             return UserError(f"{where}: metric {metric!r} has no default aggregation; give it one "
                              f"(aggregation: one of {', '.join(sorted(aggregation_registry.keys()))})")
@@ -168,7 +169,7 @@ def _fewshot_error(task, manager) -> UserError:
     # evaluated split (ConfigurableTask.fewshot_context): one document of the pool is not available.
     own = task.fewshot_cfg.split == task.config.test_split
     pool = len(task.sampler.fewshot_docs())
-    most = max(pool - own, 0)
+    most = max(pool - int(own), 0)
     return UserError(f"task {task.config.task} ({_yaml_of(manager, task.config.task)}): num_fewshot "
                      f"{task.config.num_fewshot} asks for more examples than its few-shot pool holds: {pool} "
                      f"document(s) from {_fewshot_pool(task)}{', less the one evaluated' if own else ''}; "

@@ -42,7 +42,7 @@ def test_a_config_mistake_names_the_yaml_the_field_and_the_value(checkpoint, tmp
         "dropped": ({"metric_list": [{**ACC, "metric": "accz"}]}, ["metric 'accz' is not one", "did you mean acc"]),
         "keyerror": ({"metric_list": [{"metric": "accz"}]}, ["metric 'accz' is not one", "did you mean acc"]),
         "badagg": ({"metric_list": [{**ACC, "aggregation": "meen"}]},
-                   ["aggregation of metric 'acc' 'meen' is not one lm-eval knows", "did you mean mean"]),
+                   ["aggregation 'meen' (of metric 'acc') is not one lm-eval knows", "did you mean mean"]),
         "nometric": ({"metric_list": [{"aggregation": "mean"}]}, ["ValueError", "'metric' key not provided"]),
         # A task's own process_results names its metrics; each still needs an aggregation (KeyError: None).
         "ownmetric": (None, ["metric 'mine' has no default aggregation; give it one (aggregation: one of ", "mean"]),
