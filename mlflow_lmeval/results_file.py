@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .dvc_context import in_dvc_stage
 from .errors import UserError
 from .paths import writable_directory_problem
 
@@ -132,7 +133,8 @@ def write_evaluation(results_dir: str | os.PathLike, results: Mapping[str, Any],
                      samples: Mapping[str, Iterable[Any]]) -> Path:
     """Write an evaluation into ``results_dir``: ``samples_<task>.jsonl`` per task of ``samples``
     ({task: JSON-safe records}) and results.json listing them; an earlier evaluation's files that
-    are not replaced are removed (see ``claim_output_dir``, which refuses anything else).
+    are not replaced are removed (see ``claim_output_dir``, which refuses anything else). Inside a
+    DVC stage results.json holds no wall-clock date and a relative checkpoint path (``_as_stage_output``).
 
     The new results.json goes to its ``.partial`` name first: a crash midway leaves every file
     written so far listed by one of the two, so the next evaluation there still knows them as
@@ -143,7 +145,7 @@ def write_evaluation(results_dir: str | os.PathLike, results: Mapping[str, Any],
     names = {task: samples_file_name(task) for task in samples}
     stale = claim_output_dir(directory, names.values())
     staging = directory / STAGING_FILE
-    staging.write_text(_json_text({**results, SAMPLES_FILES: names}), encoding="utf-8")
+    staging.write_text(_json_text({**_as_stage_output(results), SAMPLES_FILES: names}), encoding="utf-8")
     for task, records in samples.items():
         with open(directory / names[task], "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
@@ -151,6 +153,28 @@ def write_evaluation(results_dir: str | os.PathLike, results: Mapping[str, Any],
         path.unlink(missing_ok=True)
     staging.replace(directory / RESULTS_FILE)
     return directory / RESULTS_FILE
+
+
+def _as_stage_output(results: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+    """``results`` as a DVC stage records them (outside one, unchanged).
+
+    Inside a DVC stage results.json is a stage output, hashed into dvc.lock: it holds only what the
+    evaluation computed, so that two clones running the same stage lock the same bytes. lm-eval's
+    wall-clock ``date`` is left out (publishing then times metrics by the evaluation's MLflow run,
+    see ``evaluation_timestamp_ms``), and the checkpoint's path is recorded relative to DVC_ROOT
+    when it lies inside it (the clone's own location is no part of the result).
+    """
+    env = os.environ if environ is None else environ
+    if not in_dvc_stage(env):
+        return results
+    results = {key: value for key, value in results.items() if key != "date"}
+    checkpoint = checkpoint_section(results)
+    root = env.get("DVC_ROOT")
+    if root and checkpoint.get("path"):
+        path, root = Path(checkpoint["path"]).resolve(), Path(root).resolve()
+        if path.is_relative_to(root):
+            results["checkpoint"] = {**checkpoint, "path": path.relative_to(root).as_posix()}
+    return results
 
 
 def check_results_dir(directory: str | os.PathLike) -> None:

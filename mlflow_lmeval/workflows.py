@@ -40,12 +40,15 @@ class LiveEvaluation:
 
 
 def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, tracking: Tracking = Tracking(),
-                     live: LiveEvaluation = LiveEvaluation(), on_log: Callable[[int, dict], None] | None = None) -> list[Path]:
+                     live: LiveEvaluation = LiveEvaluation(), on_log: Callable[[int, dict], None] | None = None,
+                     link_checkpoints: bool = True) -> list[Path]:
     """Train with the reference loop inside an MLflow training run (if tracking is enabled).
 
     The run holds the settings as params, loss and tokens/s at their steps, and every checkpoint
-    as a LoggedModel; checkpoints record the run id in their metadata. Tracking failures warn and
-    never stop training; a tracking URI no store can be made of (``store.check_uri``) is refused first.
+    as a LoggedModel; with ``link_checkpoints`` checkpoints also record the run id in their
+    metadata (without, they hold content only, and the run is found by their fingerprint: its
+    LoggedModel's source run). Tracking failures warn and never stop training; a tracking URI no
+    store can be made of (``store.check_uri``) is refused first.
     """
     from .models import mlstm
     from .training import train
@@ -83,8 +86,9 @@ def tracked_training(tokens, tokenizer, model_config, settings, output_dir, *, t
                     if step % live.every == 0:
                         scores = flatten_metrics(evaluate_live(params))
                         print(f"step {step} lm-eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scores.items())), flush=True)
+        run_reference = getattr(run, "reference", None) if link_checkpoints else None
         return train(tokens, tokenizer, model_config, settings, output_dir,
-                     mlflow_run_id=getattr(run, "reference", None), on_log=log, on_checkpoint=checkpointed, on_step=on_step)
+                     mlflow_run_id=run_reference, on_log=log, on_checkpoint=checkpointed, on_step=on_step)
 
 
 def check_destinations(config: EvalConfig, tracking: Tracking) -> None:

@@ -4,6 +4,7 @@ committed checkpoint agrees across the CPU instruction sets XLA compiles for."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,75 @@ def test_evaluating_one_checkpoint_agrees_across_isa_caps(local_tasks, tmp_path)
                     worst_metric = max(worst_metric, _relative(value, theirs[task][name]))
                     assert _relative(value, theirs[task][name]) <= RELATIVE, f"{cap}: {task} {name} {value} vs {theirs[task][name]}"
         print(f"SSE4_2 vs {cap}: largest relative difference {worst:.2e} (a log-likelihood), {worst_metric:.2e} (a metric)")
+
+
+# ---- dvc.lock: what a DVC stage writes holds content only ------------------------------------------
+
+
+def _evaluate_as_stage(clone: Path, local_tasks, monkeypatch) -> Path:
+    """Evaluate the committed checkpoint as the pipeline's evaluate stage does in a clone at ``clone``:
+    run from its root (DVC_ROOT), the checkpoint inside it, no response cache shared with another."""
+    from mlflow_lmeval import evaluate
+    from mlflow_lmeval.config import EvalConfig
+
+    directory, names = local_tasks
+    checkpoint = clone / "checkpoints" / "step_40"
+    shutil.copytree(FIXTURE, checkpoint)
+    monkeypatch.chdir(clone)
+    monkeypatch.setenv("DVC_ROOT", str(clone))
+    monkeypatch.setenv("DVC_STAGE", "evaluate@step_40")
+    tasks = [n for n in names if n.endswith("_rolling")]
+    evaluate(checkpoint, EvalConfig(evaluation_tasks=tasks, include_path=str(directory), output_path="results/step_40",
+                                    limit_requests=3, bootstrap_iters=10, response_cache=False), show_progress=False)
+    return clone / "results" / "step_40"
+
+
+def test_results_written_in_a_dvc_stage_are_the_same_bytes_in_two_clones(local_tasks, tmp_path, monkeypatch):
+    first = _evaluate_as_stage(tmp_path / "a", local_tasks, monkeypatch)
+    second = _evaluate_as_stage(tmp_path / "b", local_tasks, monkeypatch)
+    results = json.loads((first / "results.json").read_text())
+    assert "date" not in results  # lm-eval's wall clock
+    assert results["checkpoint"]["path"] == "checkpoints/step_40"  # relative to DVC_ROOT
+    assert results["checkpoint"]["fingerprint"] == load(FIXTURE).fingerprint
+    assert tree_bytes(first) == tree_bytes(second)
+
+
+def test_a_dateless_results_json_publishes_once_and_finds_its_training_run_by_fingerprint(store, tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+    from test_tracking import make_checkpoint, make_results_dir
+
+    from mlflow_lmeval.pipeline import stages
+    from mlflow_lmeval.tracking import TrainingRun, publish_results
+
+    with TrainingRun(tracking_uri=store) as run:  # as the train stage: the checkpoint names no run
+        run.log_checkpoint(100, make_checkpoint(tmp_path, 100, None))
+    directory = make_results_dir(tmp_path, 100)  # nor does its evaluation
+    path = directory / "results.json"
+    results = json.loads(path.read_text())
+    del results["date"]  # as written in a DVC stage
+    path.write_text(json.dumps(results))
+    first = publish_results(directory, tracking_uri=store)
+    os.utime(path, (path.stat().st_mtime + 3600,) * 2)  # a `dvc checkout` writes the file anew
+    second = publish_results(directory, tracking_uri=store)
+    assert first.created and not second.created and second.run_id == first.run_id
+
+    client = MlflowClient(store)
+    evaluation = client.get_run(first.run_id)
+    assert evaluation.data.tags["mlflow.parentRunId"] == run.run_id
+    # Timed by the evaluation run's start, which a second publish finds again: each point once.
+    started = evaluation.info.start_time
+    assert [(p.step, p.timestamp) for p in client.get_metric_history(first.run_id, "lmeval/pydoc_nextsentence/acc")] == [
+        (100, started)]
+    curve = client.get_metric_history(run.run_id, "lmeval/pydoc_nextsentence/acc")
+    assert [(p.step, p.value, p.timestamp) for p in curve] == [(100, 0.2, started)]
+
+    # The report stage finds the training run the same way.
+    (tmp_path / "results").symlink_to(tmp_path / "out")  # the pipeline's results/<checkpoint>/; cwd is tmp_path
+    (tmp_path / "reports").mkdir()
+    for name in stages.REPORT_FILES:
+        (tmp_path / "reports" / name).write_text(name)
+    stages._log_report_to_training_runs({"tracking": SimpleNamespace(enabled=True, tracking_uri=store, experiment=None)})
+    assert sorted(a.path for a in client.list_artifacts(run.run_id, "report")) == [
+        f"report/{name}" for name in sorted(stages.REPORT_FILES)]

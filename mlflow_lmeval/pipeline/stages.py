@@ -15,12 +15,11 @@ from pathlib import Path
 from ..compare_report import write_consecutive_comparisons
 from ..config import EvalConfig
 from ..errors import UserError
-from ..results_file import RESULTS_FILE, evaluated_step, loss_by_position, read_results, recorded_training_run_id
+from ..results_file import RESULTS_FILE, evaluated_step, loss_by_position, read_results
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..tracking import http_limits, resolve_tracking_uri, sync
 from ..tracking.position_loss import draw_curves
 from ..tracking.redact import redact_uri, scrub_text
-from ..tracking.store import get_run_or_none
 from ..workflows import LiveEvaluation, Tracking, evaluate_and_publish, tracked_training
 from .corpus import builtin_documents, chunk_words, is_heldout, text_file_documents
 from .tasks import write_tasks
@@ -108,8 +107,10 @@ def train(params) -> None:
         include = params["evaluate"].include_path
         live = LiveEvaluation(t.eval_every, EvalConfig(evaluation_tasks=t.eval_tasks, include_path=include,
                                                         limit_requests=t.eval_limit, bootstrap_iters=1000))
+    # DVC hashes the checkpoints into dvc.lock, so they hold content only, not the training run's
+    # random id: the link is the LoggedModel the run logs for each checkpoint, found by fingerprint.
     for path in tracked_training(tokens, tokenizer, config, settings, CHECKPOINTS, tracking=tracking(params), live=live,
-                                 on_log=print_progress(t.steps)):
+                                 on_log=print_progress(t.steps), link_checkpoints=False):
         print(f"wrote {path}")
 
 
@@ -208,27 +209,37 @@ def report(params) -> None:
 
 
 def _log_report_to_training_runs(params) -> None:
-    """Attach the charts and tables to each training run that produced an evaluated checkpoint."""
-    run_ids = {recorded_training_run_id(read_results(p.parent)) for p in RESULTS.glob(f"*/{RESULTS_FILE}")} - {None}
-    if not run_ids:
+    """Attach the charts and tables to each training run that produced an evaluated checkpoint,
+    found as publishing finds it (``find_training_run``: the run results.json names, else the one
+    that logged the checkpoint's model, as for the pipeline's own checkpoints)."""
+    evaluations = [read_results(p.parent) for p in sorted(RESULTS.glob(f"*/{RESULTS_FILE}"))]
+    if not evaluations:
         return
     from mlflow import MlflowClient
 
-    uri = resolve_tracking_uri(tracking(params).tracking_uri)
+    from ..tracking.publish import find_training_run
+
+    t = tracking(params)
+    uri = resolve_tracking_uri(t.tracking_uri)
     shown = redact_uri(uri)  # a warning prints no credentials
     try:
         with http_limits():
             client = MlflowClient(uri)
-            for reference in sorted(run_ids):
+            runs, missing = {}, set()
+            for results in evaluations:
+                run, reference, _ = find_training_run(client, uri, results, t.experiment)
+                if run is not None:
+                    runs[run.info.run_id] = run
+                elif reference:
+                    missing.add(reference)
+            for reference in sorted(missing):
                 # A training run spooled in an outage is recorded as ``spooled:<identity>`` until
                 # ``sync`` creates it; the reference finds that run once it exists.
-                run = get_run_or_none(client, reference)
-                if run is None:
-                    warnings.warn(f"training run {reference} is not in {shown} (yet: `mlflow-lmeval sync` publishes "
-                                  "a spooled one); the report stays on disk")
-                    continue
+                warnings.warn(f"training run {reference} is not in {shown} (yet: `mlflow-lmeval sync` publishes "
+                              "a spooled one); the report stays on disk")
+            for run_id in sorted(runs):
                 for name in REPORT_FILES:
-                    client.log_artifact(run.info.run_id, str(REPORTS / name), "report")
+                    client.log_artifact(run_id, str(REPORTS / name), "report")
     except Exception as error:  # the report on disk is the deliverable; MLflow is a copy
         warnings.warn(f"could not attach the report to the training run in {shown}: {scrub_text(str(error).splitlines()[0])}")
 

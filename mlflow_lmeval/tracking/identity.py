@@ -140,12 +140,16 @@ def evaluation_identity(results: Mapping[str, Any]) -> dict[str, str]:
     return {TAG_IDENTITY: _sha256(parts), **parts}
 
 
-def evaluation_timestamp_ms(results: Mapping[str, Any], results_file: Path | None = None) -> int:
+def evaluation_timestamp_ms(results: Mapping[str, Any], results_file: Path | None = None, *,
+                            run_start_ms: int | None = None) -> int:
     """When the evaluation ran, in ms: the live evaluation's time, else lm-eval's ``date``, else
-    the mtime of ``results_file``, else now.
+    ``run_start_ms`` (the start of the evaluation's MLflow run), else the mtime of ``results_file``,
+    else now.
 
     Metrics are logged with this fixed timestamp, so logging them again is a no-op in MLflow's
-    store (same key, step, timestamp and value) instead of a duplicate point.
+    store (same key, step, timestamp and value) instead of a duplicate point. A results.json
+    written inside a DVC stage has no ``date`` (see results_file.py), and its mtime changes with
+    every ``dvc checkout``: publishing times it by its run, which stays the same.
     """
     live = live_section(results) or {}
     if as_float(live.get("timestamp_ms")) is not None:
@@ -153,6 +157,8 @@ def evaluation_timestamp_ms(results: Mapping[str, Any], results_file: Path | Non
     date = as_float(results.get("date"))
     if date is not None and date > 0:
         return int(date * 1000)
+    if run_start_ms is not None:
+        return int(run_start_ms)
     if results_file is not None and results_file.exists():
         return int(results_file.stat().st_mtime * 1000)
     return int(time.time() * 1000)

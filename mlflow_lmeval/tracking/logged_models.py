@@ -53,13 +53,27 @@ def checkpoint_info(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     return result
 
 
-def _find_checkpoint_model(client, experiment_id: str, fingerprint: str):
-    """The checkpoint's model: the oldest with its fingerprint (twins sort by id after time)."""
+def _find_checkpoint_model(client, experiment_id: str, fingerprint: str, *, trained: bool = False):
+    """The checkpoint's model: the oldest with its fingerprint (twins sort by id after time); with
+    ``trained``, the oldest of those that name a training run (``source_run_id``)."""
     models = client.search_logged_models(
         experiment_ids=[experiment_id], filter_string=f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'",
         order_by=[{"field_name": "creation_timestamp", "ascending": True}],
     ).to_list()
+    models = [m for m in models if m.source_run_id] if trained else models
     return min(models, key=lambda m: (m.creation_timestamp, m.model_id)) if models else None
+
+
+def training_run_by_fingerprint(client, experiment_id: str, fingerprint: str) -> str | None:
+    """The id of the run that trained the checkpoint of ``fingerprint``: the ``source_run_id`` of its
+    oldest model in the experiment that has one; None if no training run logged it there.
+
+    The link for checkpoints that hold content only (the pipeline's: DVC hashes them, so no run id
+    goes into their metadata), as the training run logs a model for each checkpoint it writes."""
+    if not FINGERPRINT.match(fingerprint):
+        return None
+    model = _find_checkpoint_model(client, experiment_id, fingerprint, trained=True)
+    return model.source_run_id if model is not None else None
 
 
 def ensure_model(client, experiment_id: str, info: Mapping[str, Any], training_run_id: str | None) -> str:

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..results_file import (
@@ -31,7 +32,7 @@ from . import store
 from .errors import TrackingUnavailable, TrackingWarning
 from .identity import TAG_IDENTITY, evaluation_identity, evaluation_timestamp_ms
 from .keys import LIVE_PREFIX, flatten_metrics
-from .logged_models import checkpoint_info, ensure_model
+from .logged_models import checkpoint_info, ensure_model, training_run_by_fingerprint
 from .redact import redact_uri
 from .run_contents import TAG_MODEL_ID, complete_run
 from .training_spool import find_training_spools, publish_training_spool
@@ -122,22 +123,20 @@ def _publish_evaluation(client, uri: str, results_dir: Path, results: dict, expe
                         training_run_id: str | None) -> PublishOutcome:
     """Publish a checkpoint's evaluation as a child run of its training run; holding the store's lock."""
     step = evaluated_step(results)
-    training_run_id = training_run_id or recorded_training_run_id(results)
-    parent = store.get_run_or_none(client, training_run_id) if training_run_id else None
+    parent, training_run_id, experiment_id = find_training_run(client, uri, results, experiment, training_run_id)
     if training_run_id and parent is None:
         warnings.warn(f"training run {training_run_id} is not in {redact_uri(uri)}; publishing without a parent link",
                       TrackingWarning, stacklevel=3)
     training_run_id = parent.info.run_id if parent else training_run_id  # a spooled reference resolved
-    experiment_id = store.resolve_experiment_id(client, uri, experiment, parent)
     identity = evaluation_identity(results)
-    timestamp_ms = evaluation_timestamp_ms(results, results_dir / RESULTS_FILE)
 
     runs = _find_evaluation_runs(client, [experiment_id], identity[TAG_IDENTITY])
     run = _the_one_kept(runs)
     if run is not None:  # published before, maybe by a version that left the training run without it
         if parent is not None:
             _link_to_parent(client, run, parent.info.run_id)
-            _log_points_once(client, parent.info.run_id, step, flatten_metrics(results), timestamp_ms)
+            _log_points_once(client, parent.info.run_id, step, flatten_metrics(results),
+                             evaluation_timestamp_ms(results, run_start_ms=run.info.start_time))
         return PublishOutcome(run.info.run_id, False, run.data.tags.get(TAG_MODEL_ID), str(results_dir))
 
     leftover = next((run for run in runs if _is_abandoned(run)), None)
@@ -159,15 +158,38 @@ def _publish_evaluation(client, uri: str, results_dir: Path, results: dict, expe
         if checkpoint.get("fingerprint"):
             model_id = ensure_model(client, experiment_id, checkpoint_info(checkpoint),
                                     parent.info.run_id if parent else None)
-        complete_run(client, run, results_dir, results, identity, training_run_id, step, model_id)
+        complete_run(client, run, results_dir, results, identity, training_run_id, step, model_id,
+                     evaluation_timestamp_ms(results, run_start_ms=run.info.start_time))
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         _mark_failed(client, run_id)
         raise
     kept = _keep_one_finished(client, experiment_id, identity[TAG_IDENTITY])
     if parent is not None:  # the learning curve: this checkpoint's scores on the training run, at its step
-        _log_points_once(client, parent.info.run_id, step, flatten_metrics(results), timestamp_ms)
+        # Timed by the run every later publish finds (the one kept), so a repeat sees these points.
+        _log_points_once(client, parent.info.run_id, step, flatten_metrics(results),
+                         evaluation_timestamp_ms(results, run_start_ms=kept.info.start_time))
     return PublishOutcome(kept.info.run_id, kept.info.run_id == run_id, model_id, str(results_dir))
+
+
+def find_training_run(client, uri: str, results: Mapping, experiment: str | None,
+                      training_run_id: str | None = None) -> tuple[Any, str | None, str]:
+    """(the training run or None, its reference, the evaluation's experiment id) for ``results``.
+
+    The run ``training_run_id`` names, else the one results.json records (``recorded_training_run_id``),
+    else the source run of the checkpoint's LoggedModel, found by fingerprint in the experiment
+    (``training_run_by_fingerprint``): the pipeline's checkpoints hold no run id. The experiment is
+    ``experiment``, else the training run's (``store.resolve_experiment_id``). A reference the
+    store does not hold (yet) comes back with None for the run, for the caller to warn of.
+    """
+    reference = training_run_id or recorded_training_run_id(results)
+    parent = store.get_run_or_none(client, reference) if reference else None
+    experiment_id = store.resolve_experiment_id(client, uri, experiment, parent)
+    fingerprint = checkpoint_section(results).get("fingerprint")
+    if reference is None and isinstance(fingerprint, str):
+        reference = training_run_by_fingerprint(client, experiment_id, fingerprint)
+        parent = store.get_run_or_none(client, reference) if reference else None
+    return parent, reference, experiment_id
 
 
 def _link_to_parent(client, run, parent_run_id: str) -> None:
@@ -226,10 +248,11 @@ def publish_results(
 ) -> PublishOutcome:
     """Make MLflow hold the evaluation in ``results_dir``, exactly once.
 
-    One child run of the training run (``checkpoint.mlflow_run_id`` in results.json, or
-    ``training_run_id``), identified by checkpoint fingerprint x task-config digest x score
-    settings. A FINISHED run with that identity means nothing is written; a RUNNING/FAILED one
-    left by an interrupted publish is completed. Metrics go in at the checkpoint's step, also on
+    One child run of the training run (``training_run_id``, else ``checkpoint.mlflow_run_id`` in
+    results.json, else the one that logged the checkpoint's model: ``find_training_run``),
+    identified by checkpoint fingerprint x task-config digest x score settings. A FINISHED run with
+    that identity means nothing is written; a RUNNING/FAILED one left by an interrupted publish is
+    completed. Metrics go in at the checkpoint's step, also on
     the checkpoint's LoggedModel with each task as dataset.
 
     The metrics also go on the training run at the checkpoint's step (``lmeval/<task>/<metric>``),

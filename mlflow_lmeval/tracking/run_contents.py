@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..dvc_context import dvc_context_tags
-from ..results_file import RESULTS_FILE, checkpoint_section, live_section, samples_files, write_results_file
+from ..results_file import checkpoint_section, live_section, samples_files, write_results_file
 from . import store
-from .identity import dataset_digest, evaluation_timestamp_ms
+from .identity import dataset_digest
 from .keys import flatten_params, results_table, task_metrics, task_sections
 from .position_loss import position_metrics, write_position_plot
 from .redact import env_secrets, redact, scrub_text
@@ -29,17 +29,17 @@ TAG_MODEL_ID = "lmeval.model_id"
 
 
 def complete_run(client, run, results_dir: Path, results: dict, identity: Mapping[str, str],
-                 training_run_id: str | None, step: int, model_id: str | None) -> None:
-    """Log whatever the run lacks. Params and metrics already there are skipped (a partial run)."""
+                 training_run_id: str | None, step: int, model_id: str | None, timestamp_ms: int) -> None:
+    """Log whatever the run lacks, metrics at ``timestamp_ms`` (``evaluation_timestamp_ms``). Params and
+    metrics already there are skipped (a partial run)."""
     from mlflow.entities import LoggedModelInput, Param
 
     run_id = run.info.run_id
     params = flatten_params(results.get("eval_config") or {})
     params.update(flatten_params(results.get("config") or {}, prefix="lm_eval."))
     params = [Param(k, v) for k, v in params.items() if k not in run.data.params]
-    timestamp = evaluation_timestamp_ms(results, results_dir / RESULTS_FILE)
-    metrics = _metric_entities(results, step, timestamp, model_id, skip=run.data.metrics)
-    metrics += position_metrics(results, timestamp, skip=run.data.metrics)  # their step is a position
+    metrics = _metric_entities(results, step, timestamp_ms, model_id, skip=run.data.metrics)
+    metrics += position_metrics(results, timestamp_ms, skip=run.data.metrics)  # their step is a position
     tags = store.tag_list(_run_tags(results, identity, training_run_id, step, model_id))
     store.log_batch(client, run_id, params=params, tags=tags)
     store.retry_on_conflict(lambda: client.log_inputs(run_id, datasets=_dataset_inputs(results),
