@@ -26,15 +26,14 @@ from ..errors import UserError
 from ..models.protocol import LanguageModel, cast_floating, floating_dtypes
 from . import distributed, step
 from .batching import (
-    SHORTEST_BUCKET,
     batch_stream,
     plan_batches,
     plan_groups,
     plan_streams,
-    power_of_two_bucket,
     round_up,
     row_bucket,
 )
+from .chunks import capped_chunk, padded_length
 from .fuse import DocumentResults, PieceResults, fuse_document_results, sum_positions
 from .generation import Generation
 from .requests import Piece, make_pieces, piece_counts, share_contexts
@@ -56,9 +55,6 @@ ROW_BUCKET_MIN_LENGTH = 256
 # positions per batch: the padding is about one chunk per row per batch, so longer rows pad less,
 # but a batch's results (and the response cache's writes) come only when the whole batch ends.
 PACKED_ROW_LENGTH = 2048
-# ``_cap_chunk`` caps a chunk wider than the work's pieces, never below this (the default chunk):
-# the cap saves memory only for wide chunks, and a default run keeps its steps whatever the work.
-SMALLEST_CHUNK_CAP = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,40 +182,16 @@ class Engine(Generation):
 
     # ---- batches ------------------------------------------------------------------------------
     def _bucket(self, length: int) -> int:
-        """The padded length of a batch whose longest row has ``length`` tokens."""
-        chunk = self.chunk_size
-        if not self.model.has_state:
-            return power_of_two_bucket(length, maximum=self.max_length)
-        if chunk <= SHORTEST_BUCKET:
-            return round_up(length, chunk)
-        # The last chunk (the only one of short rows: multiple-choice branches, short requests)
-        # is padded to a power of two below the chunk size rather than to a full chunk: at most
-        # two more step shapes (16 and 32, ...).
-        full = length - length % chunk
-        tail = length - full
-        return full + min(power_of_two_bucket(tail), chunk) if tail else length
+        """The padded length of a batch whose longest row has ``length`` tokens (``padded_length``)."""
+        return padded_length(length, self.chunk_size, self.model.has_state, self.max_length)
 
     def _cap_chunk(self, longest: int) -> None:
-        """Set ``chunk_size`` for a call whose pieces have at most ``longest`` positions: the
-        setting, capped at that length rounded up to its bucket, and at least SMALLEST_CHUNK_CAP.
-        A padded row's chunks beyond its piece hold only padding, and a huge setting is allocated
-        all the same (--chunk_size 100000000: terabytes). A packed row holds pieces end to end,
-        but a wider chunk costs memory (the mLSTM runs a chunk with branches as one segment: the
-        square of its width) for no fewer padded positions.
-
-        A padded batch's length is then a power-of-two bucket of its longest row, below either
-        chunk, so it runs the same one-chunk step as under the setting (a batch running fewer
-        rows only pads that chunk less); packed rows run chunks of the capped width, which the
-        model contract makes agree with any other. A setting above the cap scores exactly as
-        the cap given as the setting."""
-        if self.max_length is not None:
-            longest = min(longest, self.max_length)
-        cap = max(power_of_two_bucket(longest), SMALLEST_CHUNK_CAP)
-        self.chunk_size = min(self.settings.chunk_size, cap)
+        """Set ``chunk_size`` for a call whose pieces have at most ``longest`` positions (``capped_chunk``)."""
+        self.chunk_size = capped_chunk(self.settings.chunk_size, longest, self.max_length)
         if self.chunk_size < self.settings.chunk_size and not self._said_capped:
             self._said_capped = True  # once per engine: each call caps at its own longest piece
             logger.warning("chunk_size %d is longer than the pieces to score: chunks are capped at the longest, "
-                           "rounded up to its bucket (%d positions here)", self.settings.chunk_size, cap)
+                           "rounded up to its bucket (%d positions here)", self.settings.chunk_size, self.chunk_size)
 
     def _rows_for(self, real_rows: int, length: int) -> int | None:
         """The rows of a batch of ``real_rows`` pieces padded to ``length`` (None: the batch size)."""
